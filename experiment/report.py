@@ -1,0 +1,263 @@
+"""Compare baseline and AC runs over seeds: per-model summary and paired AC − baseline difference.
+
+    python -m experiment.report PATH [PATH ...] [--out DIR]
+
+PATH is a run directory or a sweep directory (searched recursively for metrics.json). Writes
+report.md, report.csv and val_acc1_curves.png into DIR (default: the first PATH) and prints the
+Markdown. Only metrics.json is read; checkpoints are left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from experiment.figures import save_curves
+
+log = logging.getLogger(__name__)
+
+METRICS = ("best_acc1", "final_acc1")
+REQUIRED_KEYS = ("model", "dataset", "seed", *METRICS)
+# A directory holding one of these but no metrics.json is a run that has not finished (yet).
+RUN_DIR_MARKERS = (".hydra", "checkpoints")
+
+
+def baseline_of(model: str) -> str | None:
+    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet'); None for others."""
+    head, marker, tail = model.partition("alexnet_ac")
+    if head or not marker or tail[:1] not in ("", "_"):
+        return None
+    return "alexnet" + tail
+
+
+def _model_order(model: str) -> tuple[str, bool]:
+    # Each baseline directly followed by its AC model.
+    return (baseline_of(model) or model, baseline_of(model) is not None)
+
+
+def _metrics_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.name != "metrics.json":
+            raise ValueError(f"{path} is a file; pass a run directory, a sweep directory or a metrics.json file.")
+        return [path]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        if "metrics.json" in filenames:
+            found.append(Path(dirpath, "metrics.json"))
+        elif any(marker in dirnames for marker in RUN_DIR_MARKERS):
+            log.warning("skipping %s: no metrics.json yet (run unfinished or failed)", dirpath)
+    return found
+
+
+def load_runs(paths) -> list[dict]:
+    """Every metrics.json under ``paths`` as a dict, plus ``"dir"``, the run directory."""
+    runs, seen_files, owner = [], set(), {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"{path} does not exist; pass a run directory holding metrics.json or a sweep directory above such runs.")
+        files = _metrics_files(path)
+        if not files:
+            raise ValueError(f"no metrics.json found under {path}; pass a finished run directory or a sweep directory that holds finished runs.")
+        for file in files:
+            if file.resolve() in seen_files:  # a run dir given again inside a sweep dir given too
+                continue
+            seen_files.add(file.resolve())
+            try:
+                run = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON ({e}); re-run that run or remove its directory.") from None
+            missing = [key for key in REQUIRED_KEYS if key not in run]
+            if missing:
+                raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
+            run["dir"] = str(file.parent)
+            key = (run["dataset"], run["model"], run["seed"])
+            if key in owner:
+                raise ValueError(f"{owner[key]} and {run['dir']} are both {key[1]} seed {key[2]} on {key[0]}; "
+                                 "pass only one of them so that seeds pair unambiguously.")
+            owner[key] = run["dir"]
+            runs.append(run)
+    return runs
+
+
+def _mean_std(values) -> tuple[float, float]:
+    """Mean and sample std (ddof=1); the std of fewer than two values is undefined, so NaN."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean()) if values.size else math.nan
+    std = float(values.std(ddof=1)) if values.size > 1 else math.nan
+    return mean, std
+
+
+def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
+    """dataset -> model -> seed -> run."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for run in runs:
+        groups[run["dataset"]][run["model"]][run["seed"]] = run
+    return groups
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (dataset, model): seeds, mean and sample std of best and final top-1."""
+    rows = []
+    for dataset, models in sorted(_by_group(runs).items()):
+        for model in sorted(models, key=_model_order):
+            seeds = models[model]
+            row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
+            for metric in METRICS:
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in seeds.values()])
+            rows.append(row)
+    return rows
+
+
+def paired_differences(runs: list[dict]) -> list[dict]:
+    """Per dataset and AC model whose baseline was run too: AC − baseline over the seeds both arms have.
+
+    For each metric: mean and sample std of the per-seed differences and the 95% Student-t confidence
+    interval of the mean (NaN with fewer than two pairs). Seeds run in one arm only are listed, not paired.
+    """
+    rows = []
+    for dataset, models in sorted(_by_group(runs).items()):
+        for model in sorted(models, key=_model_order):
+            baseline = baseline_of(model)
+            if baseline not in models:
+                continue
+            ac_runs, base_runs = models[model], models[baseline]
+            paired = sorted(ac_runs.keys() & base_runs.keys())
+            n = len(paired)
+            row = {"dataset": dataset, "model": model, "baseline": baseline, "n_pairs": n, "paired_seeds": paired,
+                   "unpaired_ac_seeds": sorted(ac_runs.keys() - base_runs.keys()),
+                   "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys())}
+            for metric in METRICS:
+                mean, sd = _mean_std([ac_runs[s][metric] - base_runs[s][metric] for s in paired])
+                half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+                row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
+                            f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
+            rows.append(row)
+    return rows
+
+
+def verdict(pair: dict, metric: str = "best_acc1") -> str:
+    """One line saying whether the paired difference in ``metric`` is shown to be non-zero."""
+    n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
+    if n == 0:
+        return "no seed was run in both arms: nothing to compare"
+    change = f"{'gain' if mean >= 0 else 'loss'} {mean:+.2f} points"
+    if n == 1:
+        return f"{change} over 1 seed: no confidence interval from one pair, run more seeds"
+    low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
+    excludes = low > 0 or high < 0
+    return (f"{change}, 95% CI [{low:+.2f}, {high:+.2f}] over {n} seeds: "
+            + ("excludes 0" if excludes else "includes 0: not shown to be real"))
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    return "" if math.isnan(value) else f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _mean_pm_std(mean: float, std: float, signed: bool = False) -> str:
+    return _fmt(mean, signed) + ("" if math.isnan(std) else f" ± {std:.2f}")
+
+
+def _ci(pair: dict, metric: str) -> str:
+    low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
+    return "n/a" if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def _seeds(seeds) -> str:
+    return " ".join(map(str, seeds))
+
+
+def render_markdown(summary: list[dict], pairs: list[dict]) -> str:
+    """The report: per-model table, paired-difference table, one verdict line per AC model and dataset."""
+    lines = ["# AlexNet vs AlexNet-AC", "",
+             "## Per-model summary", "",
+             "Top-1 accuracy (%) on the validation split, mean ± sample std over seeds.", "",
+             "| dataset | model | seeds | best top-1 | final top-1 |",
+             "|---|---|---:|---:|---:|"]
+    for row in summary:
+        lines.append(f"| {row['dataset']} | {row['model']} | {row['n_seeds']} | "
+                     f"{_mean_pm_std(row['best_acc1_mean'], row['best_acc1_std'])} | "
+                     f"{_mean_pm_std(row['final_acc1_mean'], row['final_acc1_std'])} |")
+    lines += ["", "## Paired difference, AC − baseline", ""]
+    if not pairs:
+        lines.append("No AC model has baseline runs on the same dataset: nothing to pair.")
+        return "\n".join(lines) + "\n"
+    lines += ["Percentage points, per seed run in both arms: mean ± sample std of the differences, "
+              "95% Student-t confidence interval of the mean.", "",
+              "| dataset | AC model | baseline | pairs | Δ best top-1 | 95% CI | Δ final top-1 | 95% CI | unpaired seeds |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for p in pairs:
+        unpaired = "; ".join(f"{name}: {_seeds(seeds)}" for name, seeds in
+                             ((p["model"], p["unpaired_ac_seeds"]), (p["baseline"], p["unpaired_baseline_seeds"]))
+                             if seeds) or "none"
+        lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
+                     f"{_mean_pm_std(p['best_acc1_diff_mean'], p['best_acc1_diff_std'], signed=True)} | "
+                     f"{_ci(p, 'best_acc1')} | "
+                     f"{_mean_pm_std(p['final_acc1_diff_mean'], p['final_acc1_diff_std'], signed=True)} | "
+                     f"{_ci(p, 'final_acc1')} | {unpaired} |")
+    lines += ["", "## Verdict (best top-1)", ""]
+    lines += [f"- {p['dataset']}, {p['model']} vs {p['baseline']}: {verdict(p)}" for p in pairs]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = ["dataset", "model", "n_seeds", "seeds",
+               "best_acc1_mean", "best_acc1_std", "final_acc1_mean", "final_acc1_std",
+               "baseline", "n_pairs", "paired_seeds", "unpaired_ac_seeds", "unpaired_baseline_seeds",
+               *(f"{m}_{s}" for m in METRICS for s in ("diff_mean", "diff_std", "ci_low", "ci_high"))]
+
+
+def write_csv(summary: list[dict], pairs: list[dict], path) -> Path:
+    """One row per (dataset, model); AC rows also carry the paired columns. 2 decimals, NaN blank."""
+    by_key = {(p["dataset"], p["model"]): p for p in pairs}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")
+        writer.writeheader()
+        for row in summary:
+            merged = {**row, **by_key.get((row["dataset"], row["model"]), {})}
+            writer.writerow({key: _seeds(value) if isinstance(value, list) else _fmt(value) if isinstance(value, float)
+                             else value for key, value in merged.items()})
+    return Path(path)
+
+
+def write_report(runs: list[dict], out) -> str:
+    """Write report.md, report.csv and val_acc1_curves.png into ``out``; return the Markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, pairs = summarize(runs), paired_differences(runs)
+    markdown = render_markdown(summary, pairs)
+    (out / "report.md").write_text(markdown)
+    write_csv(summary, pairs, out / "report.csv")
+    save_curves(runs, out / "val_acc1_curves.png")
+    return markdown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiment.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories or sweep directories")
+    parser.add_argument("--out", help="directory for report.md, report.csv and the curves (default: the first PATH)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="note: %(message)s", level=logging.WARNING)
+    try:
+        runs = load_runs(args.paths)
+        first = Path(args.paths[0])
+        out = Path(args.out) if args.out else first if first.is_dir() else first.parent
+        markdown = write_report(runs, out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown, end="")
+    print(f"note: wrote report.md, report.csv and val_acc1_curves.png to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

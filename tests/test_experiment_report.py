@@ -1,0 +1,201 @@
+"""experiment.report on synthetic run directories with hand-computed statistics."""
+import csv
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from experiment.report import (baseline_of, load_runs, main, paired_differences, render_markdown, summarize,
+                               verdict, write_report)
+
+T975_DF2 = 4.302652729749464  # Student t 97.5% quantile, 2 degrees of freedom (n = 3 pairs)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_run(root, name, model, seed, best, final=None, dataset="cifar10", epochs=3):
+    run_dir = Path(root, name)
+    run_dir.mkdir(parents=True)
+    final = best - 0.5 if final is None else final
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc1": 50.0 + e, "val_loss": 1.2 / e,
+                "val_acc1": final - (epochs - e), "val_acc5": 99.0, "lr": 0.1, "epoch_s": 1.0, "img_per_s": 1e4}
+               for e in range(1, epochs + 1)]
+    metrics = {"model": model, "dataset": dataset, "seed": seed, "epochs": epochs, "best_acc1": best,
+               "final_acc1": final, "train_seconds": 3.0, "img_per_s": 1e4, "history": history}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+# Three seeds per arm; AC − baseline best_acc1 differences are 0.4, 0.6, 0.5.
+BASE_BEST = {0: 90.0, 1: 90.2, 2: 89.9}
+AC_BEST = {0: 90.4, 1: 90.8, 2: 90.4}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun" / "2026-11-27" / "12-00-00"
+    for seed, best in BASE_BEST.items():
+        write_run(root, f"{seed}_alexnet_seed{seed}", "alexnet", seed, best)
+    for seed, best in AC_BEST.items():
+        write_run(root, f"{3 + seed}_alexnet_ac_seed{seed}", "alexnet_ac", seed, best, final=best)
+    write_run(root, "6_alexnet_ac_seed7", "alexnet_ac", 7, 91.0)  # AC arm only: reported, not paired
+    return tmp_path / "multirun"
+
+
+def test_baseline_of():
+    assert baseline_of("alexnet_ac") == "alexnet"
+    assert baseline_of("alexnet_ac_imagenet") == "alexnet_imagenet"
+    assert baseline_of("alexnet") is None
+    assert baseline_of("alexnet_imagenet") is None
+    assert baseline_of("alexnet_acme") is None
+
+
+def test_load_runs_finds_nested_runs_and_notes_unfinished(sweep, caplog):
+    unfinished = sweep / "2026-11-27" / "12-00-00" / "7_alexnet_seed9"
+    (unfinished / ".hydra").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        runs = load_runs([sweep])
+    assert len(runs) == 7
+    assert {Path(r["dir"]).name for r in runs} >= {"0_alexnet_seed0", "6_alexnet_ac_seed7"}
+    assert "7_alexnet_seed9" in caplog.text and "no metrics.json" in caplog.text
+
+
+def test_load_runs_same_run_twice_is_loaded_once(sweep):
+    one_run = next(sweep.rglob("0_alexnet_seed0"))
+    assert len(load_runs([sweep, one_run])) == 7
+
+
+def test_load_runs_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_runs([tmp_path / "nope"])
+    with pytest.raises(ValueError, match="no metrics.json found"):
+        load_runs([tmp_path])
+    write_run(tmp_path / "a", "r", "alexnet", 0, 90.0)
+    write_run(tmp_path / "b", "r", "alexnet", 0, 91.0)
+    with pytest.raises(ValueError, match=r"a[/\\]r and .*b[/\\]r are both alexnet seed 0 on cifar10"):
+        load_runs([tmp_path])
+
+
+def test_summarize_mean_and_sample_std(sweep):
+    rows = {row["model"]: row for row in summarize(load_runs([sweep]))}
+    assert list(rows) == ["alexnet", "alexnet_ac"]
+    base = rows["alexnet"]
+    assert base["n_seeds"] == 3 and base["seeds"] == [0, 1, 2]
+    assert base["best_acc1_mean"] == pytest.approx(270.1 / 3)
+    mean = 270.1 / 3
+    assert base["best_acc1_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in BASE_BEST.values()) / 2))
+    assert base["final_acc1_mean"] == pytest.approx(270.1 / 3 - 0.5)
+    ac = rows["alexnet_ac"]
+    assert ac["n_seeds"] == 4 and ac["best_acc1_mean"] == pytest.approx((90.4 + 90.8 + 90.4 + 91.0) / 4)
+
+
+def test_summarize_single_run_std_is_nan(tmp_path):
+    write_run(tmp_path, "r", "alexnet", 0, 90.0)
+    (row,) = summarize(load_runs([tmp_path]))
+    assert row["n_seeds"] == 1 and row["best_acc1_mean"] == 90.0
+    assert math.isnan(row["best_acc1_std"]) and math.isnan(row["final_acc1_std"])
+
+
+def test_paired_differences_by_hand(sweep):
+    (pair,) = paired_differences(load_runs([sweep]))
+    assert (pair["dataset"], pair["model"], pair["baseline"]) == ("cifar10", "alexnet_ac", "alexnet")
+    assert pair["n_pairs"] == 3 and pair["paired_seeds"] == [0, 1, 2]
+    assert pair["unpaired_ac_seeds"] == [7] and pair["unpaired_baseline_seeds"] == []
+    # Differences 0.4, 0.6, 0.5: mean 0.5, sample std 0.1.
+    assert pair["best_acc1_diff_mean"] == pytest.approx(0.5)
+    assert pair["best_acc1_diff_std"] == pytest.approx(0.1)
+    half = T975_DF2 * 0.1 / math.sqrt(3)
+    assert pair["best_acc1_ci_low"] == pytest.approx(0.5 - half)
+    assert pair["best_acc1_ci_high"] == pytest.approx(0.5 + half)
+    # final_acc1 is best - 0.5 for the baseline and best for AC: differences 0.9, 1.1, 1.0.
+    assert pair["final_acc1_diff_mean"] == pytest.approx(1.0)
+    assert pair["final_acc1_diff_std"] == pytest.approx(0.1)
+
+
+def test_verdict_excludes_and_includes_zero(sweep, tmp_path):
+    (pair,) = paired_differences(load_runs([sweep]))
+    half = T975_DF2 * 0.1 / math.sqrt(3)
+    assert verdict(pair) == f"gain +0.50 points, 95% CI [{0.5 - half:+.2f}, {0.5 + half:+.2f}] over 3 seeds: excludes 0"
+
+    noisy = tmp_path / "noisy"
+    for seed, (base, ac) in enumerate([(90.0, 91.0), (90.0, 89.6), (90.0, 90.2)]):
+        write_run(noisy, f"b{seed}", "alexnet", seed, base)
+        write_run(noisy, f"a{seed}", "alexnet_ac", seed, ac)
+    (pair,) = paired_differences(load_runs([noisy]))
+    assert pair["best_acc1_ci_low"] < 0 < pair["best_acc1_ci_high"]
+    assert verdict(pair).startswith("gain +0.27 points, 95% CI [")
+    assert verdict(pair).endswith("over 3 seeds: includes 0: not shown to be real")
+
+
+def test_single_pair_has_no_ci(tmp_path):
+    write_run(tmp_path, "b", "alexnet", 0, 90.0, dataset="digits")
+    write_run(tmp_path, "a", "alexnet_ac", 0, 89.5, dataset="digits")
+    runs = load_runs([tmp_path])
+    (pair,) = paired_differences(runs)
+    assert pair["n_pairs"] == 1 and pair["best_acc1_diff_mean"] == pytest.approx(-0.5)
+    assert math.isnan(pair["best_acc1_diff_std"]) and math.isnan(pair["best_acc1_ci_low"])
+    assert verdict(pair).startswith("loss -0.50 points over 1 seed: no confidence interval")
+    markdown = render_markdown(summarize(runs), [pair])
+    assert "| digits | alexnet_ac | alexnet | 1 | -0.50 | n/a | -0.50 | n/a | none |" in markdown
+
+
+def test_ac_without_common_seed_or_baseline(tmp_path):
+    write_run(tmp_path, "b", "alexnet_imagenet", 0, 55.0, dataset="folder")
+    write_run(tmp_path, "a", "alexnet_ac_imagenet", 1, 56.0, dataset="folder")
+    write_run(tmp_path, "c", "alexnet_ac", 0, 90.0)  # no baseline on cifar10: not paired at all
+    (pair,) = paired_differences(load_runs([tmp_path]))
+    assert (pair["model"], pair["baseline"], pair["n_pairs"]) == ("alexnet_ac_imagenet", "alexnet_imagenet", 0)
+    assert pair["unpaired_ac_seeds"] == [1] and pair["unpaired_baseline_seeds"] == [0]
+    assert verdict(pair) == "no seed was run in both arms: nothing to compare"
+
+
+def test_write_report_files(sweep, tmp_path):
+    out = tmp_path / "out"
+    markdown = write_report(load_runs([sweep]), out)
+    assert (out / "report.md").read_text() == markdown
+    assert "| cifar10 | alexnet | 3 | 90.03 ± 0.15 | 89.53 ± 0.15 |" in markdown
+    assert "| cifar10 | alexnet_ac | alexnet | 3 | +0.50 ± 0.10 | [+0.25, +0.75] | +1.00 ± 0.10 |" in markdown
+    assert "alexnet_ac: 7 |" in markdown
+    assert "- cifar10, alexnet_ac vs alexnet: gain +0.50 points" in markdown
+
+    with open(out / "report.csv", newline="") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"alexnet", "alexnet_ac"}
+    assert rows["alexnet"]["best_acc1_mean"] == "90.03"  # 270.1 / 3, 2 decimals
+    assert rows["alexnet"]["n_pairs"] == "" and rows["alexnet"]["best_acc1_diff_mean"] == ""
+    ac = rows["alexnet_ac"]
+    assert ac["n_pairs"] == "3" and ac["paired_seeds"] == "0 1 2" and ac["unpaired_ac_seeds"] == "7"
+    assert float(ac["best_acc1_diff_mean"]) == pytest.approx(0.5)
+    assert float(ac["best_acc1_ci_high"]) == pytest.approx(0.5 + T975_DF2 * 0.1 / math.sqrt(3), abs=0.005)
+
+    png = out / "val_acc1_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        assert image.width > 200 and image.height > 200
+
+
+def test_cli_prints_report(sweep, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "experiment.report", str(sweep), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| dataset | model | seeds | best top-1 | final top-1 |" in result.stdout
+    assert result.stdout == (out / "report.md").read_text()
+
+
+def test_cli_default_out_is_first_path(sweep, capsys):
+    assert main([str(sweep)]) == 0
+    assert (sweep / "report.md").exists() and (sweep / "report.csv").exists()
+    assert "## Paired difference" in capsys.readouterr().out
+
+
+def test_cli_bad_path_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiment.report", str(tmp_path / "missing")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

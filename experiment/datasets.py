@@ -166,3 +166,19 @@ def _drop_unreadable(split, skip):
         split.targets = [t for _, t in split.samples]
         split.imgs = split.samples
         split.skipped = bad
+
+
+def dataset_config(stored, overrides):
+    """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top.
+    Naming another dataset starts from that dataset's config file in configs/dataset/."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(stored)
+    if overrides.get("name") and overrides["name"] != cfg.name:
+        try:
+            cfg = compose(config_name="train", overrides=[f"dataset={overrides['name']}"]).dataset
+        except Exception:
+            raise UserError(f"unknown dataset.name={overrides['name']}; choose one of the configs in configs/dataset/") from None
+    cfg = OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
+    return cfg

@@ -148,8 +148,19 @@ def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_las
     if isinstance(data, TensorData):
         train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True, seed=seed,
                              crop_padding=cfg.crop_padding, hflip=cfg.hflip, **common)
-        test = DeviceLoader(data.test_images, data.test_labels, cfg.eval_batch_size, train=False, **common)
-        return train, test
-    train = FolderLoader(data.train, cfg.batch_size, train=True, seed=seed, num_workers=cfg.num_workers, **common)
-    test = FolderLoader(data.test, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)
-    return train, test
+    else:
+        train = FolderLoader(data.train, cfg.batch_size, train=True, seed=seed, num_workers=cfg.num_workers,
+                             **common)
+    return train, build_test_loader(data, cfg, device=device, rank=rank, world_size=world_size,
+                                     channels_last=channels_last)
+
+
+def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False):
+    """The test split (this rank's share of it), normalised like the training data."""
+    from experiment.datasets import TensorData
+
+    common = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), device=device, rank=rank, world_size=world_size,
+                  channels_last=channels_last)
+    if isinstance(data, TensorData):
+        return DeviceLoader(data.test_images, data.test_labels, cfg.eval_batch_size, train=False, **common)
+    return FolderLoader(data.test, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)

@@ -1,0 +1,75 @@
+"""Evaluate a trained or deploy checkpoint on the test split:
+`python eval.py ckpt=PATH [dataset.root=...] [out=PATH] [compare=OTHER.pt]`; options in configs/eval.yaml.
+
+Writes <stem>.eval.json (acc1, acc5, loss, num_samples, per-class top-1, images/s) and <stem>.confusion.png.
+With compare=, both checkpoints run on the same data in float32 and the differing predictions are counted:
+for a trained model and its fusion both the accuracy difference and that count must be 0.
+"""
+import logging
+from pathlib import Path
+
+import hydra
+
+from experiment.checkpoint import load_checkpoint
+from experiment.datasets import dataset_config, load_dataset
+from experiment.distributed import World, select_device
+from experiment.engine import evaluate
+from experiment.errors import UserError, exit_on_user_error
+from experiment.figures import save_confusion_matrix
+from experiment.loaders import build_test_loader
+from experiment.models import model_from_checkpoint
+from experiment.tracking import write_json
+
+log = logging.getLogger("eval")
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@exit_on_user_error
+def main(cfg):
+    device = select_device(cfg.device)
+    ckpt = load_checkpoint(cfg.ckpt)
+    data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
+    data = load_dataset(data_cfg)
+    if len(data.classes) != ckpt["num_classes"]:
+        raise UserError(f"{cfg.ckpt} predicts {ckpt['num_classes']} classes but dataset {data_cfg.name} has "
+                        f"{len(data.classes)}; evaluate it on the dataset it was trained on")
+    loader = build_test_loader(data, data_cfg, device=device)
+
+    def run(checkpoint, path, amp):
+        return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(data.classes),
+                        device=device, world=World(), amp=amp, return_predictions=True)
+
+    result = run(ckpt, cfg.ckpt, cfg.amp)
+    classes = list(data.classes)
+    per_class = result["confusion"].diag().double() / result["confusion"].sum(1).clamp(min=1)
+    report = {"checkpoint": str(cfg.ckpt), "model": ckpt["config"]["model"]["name"], "dataset": data_cfg.name,
+              "acc1": result["acc1"], "acc5": result["acc5"], "loss": result["loss"],
+              "num_samples": result["num_samples"], "img_per_s": result["num_samples"] / result["seconds"],
+              "per_class_acc1": {c: 100 * a for c, a in zip(classes, per_class.tolist())}}
+    log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%%, loss %.4f, %d images, %.0f img/s", report["model"],
+             data_cfg.name, report["acc1"], report["acc5"], report["loss"], report["num_samples"], report["img_per_s"])
+
+    if cfg.compare:
+        other = load_checkpoint(cfg.compare)
+        if other["num_classes"] != ckpt["num_classes"]:
+            raise UserError(f"{cfg.compare} predicts {other['num_classes']} classes, {cfg.ckpt} "
+                            f"{ckpt['num_classes']}; compare checkpoints of the same task")
+        mine = run(ckpt, cfg.ckpt, False) if cfg.amp and device.type == "cuda" else result
+        theirs = run(other, cfg.compare, False)
+        differing = int((mine["predictions"] != theirs["predictions"]).sum())
+        report["compare"] = {"checkpoint": str(cfg.compare), "model": other["config"]["model"]["name"],
+                             "acc1": theirs["acc1"], "acc1_difference": theirs["acc1"] - mine["acc1"],
+                             "differing_predictions": differing}
+        log.info("compare %s: top-1 %.2f%% (difference %+.4f points), %d of %d predictions differ (float32)",
+                 report["compare"]["model"], theirs["acc1"], theirs["acc1"] - mine["acc1"], differing,
+                 result["num_samples"])
+
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    png = save_confusion_matrix(result["confusion"], classes, out.with_name(f"{Path(cfg.ckpt).stem}.confusion.png"))
+    log.info("wrote %s and %s", out, png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Fold a trained AlexNet or AlexNetAC into the plain deploy AlexNet and prove nothing changed:
+`python fuse.py ckpt=outputs/.../checkpoints/best.pt [out=PATH] [onnx=true]`; options in configs/fuse.yaml.
+
+Exit status: 0 when the fused model's logits match within `tolerance` (and the ONNX file's too), 1 when not
+(nothing is written then), 2 for a usage error.
+"""
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+
+from experiment.checkpoint import load_checkpoint, save_checkpoint
+from experiment.complexity import count_macs, count_parameters
+from experiment.datasets import dataset_config, load_dataset
+from experiment.deploy import deploy_checkpoint, export_onnx, is_deploy, logit_difference, onnx_logit_difference
+from experiment.distributed import select_device
+from experiment.errors import exit_on_user_error
+from experiment.loaders import build_test_loader
+from experiment.models import model_from_checkpoint
+from nets import fuse_model
+
+log = logging.getLogger("fuse")
+
+
+@hydra.main(config_path="configs", config_name="fuse", version_base="1.3")
+@exit_on_user_error
+def main(cfg):
+    start = time.perf_counter()
+    ckpt = load_checkpoint(cfg.ckpt)
+    if is_deploy(ckpt):
+        log.info("%s is already a deploy checkpoint: nothing to fuse", cfg.ckpt)
+        return
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_deploy.pt")
+    device = select_device(cfg.device)
+    model = model_from_checkpoint(ckpt, cfg.ckpt).to(device).eval()
+    fused = fuse_model(model)
+
+    # The proof: random input, then a real test batch, in float32.
+    data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
+    real, _ = next(build_test_loader(load_dataset(data_cfg), data_cfg, device=device).epoch(0))
+    real = real[:cfg.check_batch]
+    noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
+    checks = {"random input": logit_difference(model, fused, noise), "test batch": logit_difference(model, fused, real)}
+    onnx_path = out.with_suffix(".onnx") if cfg.onnx else None
+    if onnx_path:
+        export_onnx(fused.cpu(), real[:2].cpu(), onnx_path)
+        checks["onnx, test batch"] = onnx_logit_difference(onnx_path, fused.cpu(), real.cpu())
+    for name, c in checks.items():
+        log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
+                 name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
+    if any(c["max_rel"] > cfg.tolerance for c in checks.values()):
+        onnx_path and onnx_path.unlink(missing_ok=True)
+        log.error("fusion is NOT exact: relative difference above tolerance %.1e; nothing written", cfg.tolerance)
+        sys.exit(1)
+
+    save_checkpoint(deploy_checkpoint(ckpt, fused, cfg.ckpt), out)
+    size = real.shape[1:]
+    log.info("parameters %s -> %s, multiply-accumulates per %s image %s -> %s",
+             f"{count_parameters(model):,}", f"{count_parameters(fused):,}", "x".join(map(str, size)),
+             f"{count_macs(model, (1, *size)):,}", f"{count_macs(fused, (1, *size)):,}")
+    log.info("wrote %s%s in %.1fs", out, f" and {onnx_path}" if onnx_path else "", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from torch import nn
+
+from experiment.complexity import count_macs, count_parameters
+from nets import ACBlock, AlexNet, AlexNetAC, fuse_model
+from nets.fusion import fuse_conv_bn, reparameterize
+
+OPTIONS = dict(num_classes=7, width=0.25, classifier_width=64, dropout=0.3)
+PIXELS = {"cifar": 32, "imagenet": 65}  # odd on purpose; 63 px is the imagenet layout's minimum
+
+
+def _randomise_bn(model):
+    """Random running statistics and affine parameters, as after training (never the 0/1 defaults)."""
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.2)
+                bn.num_batches_tracked.fill_(100)
+
+
+def _trained(build, layout):
+    torch.manual_seed(0)
+    model = build(layout=layout, **OPTIONS)
+    _randomise_bn(model)
+    return model.train()
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("layout", sorted(PIXELS))
+@pytest.mark.parametrize("build", [AlexNet, AlexNetAC])
+def test_fused_model_is_equivalent_deploy_alexnet(build, layout):
+    model = _trained(build, layout)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_model(model)
+
+    # The input is left untouched, train mode included.
+    assert model.training
+    assert all(m.training for m in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    assert type(fused) is AlexNet and fused.config == dict(layout=layout, bn=False, **OPTIONS)
+    assert not any(m.training for m in fused.modules())
+    assert not any(isinstance(m, (nn.BatchNorm2d, ACBlock)) for m in fused.modules())
+
+    x = torch.randn(8, 3, PIXELS[layout], PIXELS[layout])
+    with torch.no_grad():
+        expected = model.eval()(x)
+        actual = fused(x)
+    assert expected.abs().max() > 0
+    assert _rel_err(expected, actual) <= 1e-5
+    assert torch.equal(expected.argmax(1), actual.argmax(1))
+
+    fresh = AlexNet(layout=layout, bn=False, **OPTIONS)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert count_parameters(fused) == count_parameters(fresh)
+    size = (1, 3, PIXELS[layout], PIXELS[layout])
+    assert count_macs(fused, size) == count_macs(fresh, size)
+    if build is AlexNetAC:
+        assert count_macs(model, size) > count_macs(fused, size)
+
+
+def test_deploy_alexnet_input_gives_an_eval_copy():
+    model = _trained(lambda **kw: AlexNet(bn=False, **kw), "cifar")
+    fused = fuse_model(model)
+    assert fused is not model and model.training and not fused.training
+    assert fused.config == model.config
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model.eval()(x))
+    fused.features.conv1.conv.weight.data.zero_()
+    assert model.features.conv1.conv.weight.abs().sum() > 0
+
+
+def test_fused_model_keeps_device_and_dtype():
+    model = _trained(AlexNetAC, "cifar").double().eval()
+    fused = fuse_model(model)
+    assert all(p.dtype == torch.float64 for p in fused.parameters())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel_err(model(x), fused(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("model", [nn.Linear(2, 2), ACBlock(2, 2, 3)], ids=["linear", "acblock"])
+def test_fuse_model_rejects_other_modules(model):
+    with pytest.raises(TypeError, match="expects an AlexNet or AlexNetAC"):
+        fuse_model(model)
+
+
+def test_fuse_conv_bn_matches_conv_then_bn():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    bn = nn.BatchNorm2d(6).double()
+    _randomise_bn(bn)
+    bn.eval()
+    kernel, bias = fuse_conv_bn(conv, bn)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    expected = bn(conv(x))
+    actual = nn.functional.conv2d(x, kernel, bias, padding=1)
+    assert _rel_err(expected, actual) <= 1e-12
+
+
+def test_reparameterize_switches_every_acblock_in_a_custom_cnn():
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        ACBlock(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Sequential(ACBlock(8, 8, 5, padding=2, groups=8), nn.BatchNorm2d(8)),
+    )
+    _randomise_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 11, 13)
+    with torch.no_grad():
+        expected = model(x)
+        deployed = reparameterize(model)
+        assert not any(b.deploy for b in model.modules() if isinstance(b, ACBlock))
+        assert all(b.deploy for b in deployed.modules() if isinstance(b, ACBlock))
+        assert _rel_err(expected, deployed(x)) <= 1e-5
+        same = reparameterize(model, inplace=True)
+        assert same is model and all(b.deploy for b in model.modules() if isinstance(b, ACBlock))
+        assert _rel_err(expected, model(x)) <= 1e-5

@@ -1,7 +1,8 @@
 """Evaluate a trained or deploy checkpoint on the test split:
 `python eval.py ckpt=PATH [dataset.root=...] [out=PATH] [compare=OTHER.pt]`; options in configs/eval.yaml.
 
-Writes <stem>.eval.json (acc1, acc5, loss, num_samples, per-class top-1, images/s) and <stem>.confusion.png.
+Writes <stem>.eval.json (acc1, acc5, loss, num_samples, per-class top-1, images/s) and <stem>.confusion.png
+beside it.
 With compare=, both checkpoints run on the same data in float32 and the differing predictions are counted:
 for a trained model and its fusion both the accuracy difference and that count must be 0.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 import hydra
 
 from experiment.checkpoint import load_checkpoint
-from experiment.datasets import dataset_config, load_dataset
+from experiment.datasets import dataset_config, load_dataset, skipped_images
 from experiment.distributed import World, select_device
 from experiment.engine import evaluate
 from experiment.errors import UserError, exit_on_user_error
@@ -30,6 +31,9 @@ def main(cfg):
     ckpt = load_checkpoint(cfg.ckpt)
     data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
     data = load_dataset(data_cfg)
+    for split, paths in skipped_images(data).items():
+        log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
+                    len(paths), split, paths[0])
     if len(data.classes) != ckpt["num_classes"]:
         raise UserError(f"{cfg.ckpt} predicts {ckpt['num_classes']} classes but dataset {data_cfg.name} has "
                         f"{len(data.classes)}; evaluate it on the dataset it was trained on")
@@ -67,7 +71,8 @@ def main(cfg):
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    png = save_confusion_matrix(result["confusion"], classes, out.with_name(f"{Path(cfg.ckpt).stem}.confusion.png"))
+    stem = out.name.removesuffix(".json").removesuffix(".eval")
+    png = save_confusion_matrix(result["confusion"], classes, out.with_name(f"{stem}.confusion.png"))
     log.info("wrote %s and %s", out, png)
 
 

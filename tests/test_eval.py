@@ -1,0 +1,39 @@
+"""eval.py on trained and fused checkpoints: the fused model keeps the trained model's accuracy exactly."""
+import json
+
+from PIL import Image
+
+from conftest import run_script
+
+
+def test_eval_reports_and_trained_equals_fused(trained_runs, tmp_path):
+    best = trained_runs["alexnet_ac"] / "checkpoints/best.pt"
+    deploy = tmp_path / "deploy.pt"
+    run_script("fuse.py", f"ckpt={best}", f"out={deploy}")
+    out = tmp_path / "trained.eval.json"
+    proc = run_script("eval.py", f"ckpt={best}", f"compare={deploy}", f"out={out}")
+    report = json.loads(out.read_text())
+    assert {"acc1", "acc5", "loss", "num_samples", "per_class_acc1", "img_per_s"} <= report.keys()
+    assert report["num_samples"] == 360 and len(report["per_class_acc1"]) == 10
+    metrics = json.loads((trained_runs["alexnet_ac"] / "metrics.json").read_text())
+    assert abs(report["acc1"] - metrics["best_acc1"]) < 1e-9  # the same split and model as at training time
+    assert report["compare"]["acc1_difference"] == 0 and report["compare"]["differing_predictions"] == 0
+    assert "0 of 360 predictions differ" in proc.stdout
+    png = tmp_path / "trained.confusion.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+    deploy_report = tmp_path / "deploy.eval.json"
+    run_script("eval.py", f"ckpt={deploy}")
+    assert json.loads(deploy_report.read_text())["acc1"] == report["acc1"]
+
+
+def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
+    not_ckpt = tmp_path / "notes.pt"
+    not_ckpt.write_text("hello")
+    for script in ("eval.py", "fuse.py"):
+        for ckpt, says in ((tmp_path / "missing.pt", "does not exist"), (not_ckpt, "not a readable PyTorch checkpoint")):
+            proc = run_script(script, f"ckpt={ckpt}", check=False)
+            assert proc.returncode == 2
+            assert proc.stderr.strip().startswith("error:") and says in proc.stderr
+            assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,51 @@
+"""fuse.py on checkpoints trained in this test session."""
+import onnx
+import pytest
+import torch
+
+from conftest import run_script
+from nets import AlexNet
+
+
+@pytest.mark.parametrize("model", ["alexnet", "alexnet_ac"])
+def test_fuse_writes_a_deploy_checkpoint_that_loads_into_plain_alexnet(trained_runs, model, tmp_path):
+    out = tmp_path / f"{model}_deploy.pt"
+    proc = run_script("fuse.py", f"ckpt={trained_runs[model] / 'checkpoints/best.pt'}", f"out={out}")
+    assert "random input" in proc.stdout and "test batch" in proc.stdout and "parameters" in proc.stdout
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["deploy"] is True and ckpt["config"]["model"]["arch"] == "AlexNet"
+    cfg = ckpt["config"]["model"]
+    fresh = AlexNet(num_classes=10, bn=False, layout=cfg["layout"], width=cfg["width"],
+                    classifier_width=cfg["classifier_width"], dropout=cfg["dropout"])
+    fresh.load_state_dict(ckpt["model"], strict=True)
+
+
+def test_fuse_defaults_to_stem_deploy_beside_the_input_and_skips_deploy_checkpoints(trained_runs, tmp_path):
+    src = tmp_path / "best.pt"
+    src.write_bytes((trained_runs["alexnet_ac"] / "checkpoints/best.pt").read_bytes())
+    run_script("fuse.py", f"ckpt={src}")
+    deploy = tmp_path / "best_deploy.pt"
+    assert deploy.is_file()
+    before = deploy.stat().st_mtime_ns
+    proc = run_script("fuse.py", f"ckpt={deploy}")
+    assert "nothing to fuse" in proc.stdout
+    assert deploy.stat().st_mtime_ns == before and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best_deploy.pt"]
+
+
+def test_fuse_exits_non_zero_and_writes_nothing_above_tolerance(trained_runs, tmp_path):
+    out = tmp_path / "deploy.pt"
+    # No fusion is exact to 1e-12 in float32: the check must refuse it.
+    proc = run_script("fuse.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/best.pt'}", f"out={out}",
+                      "tolerance=1e-12", check=False)
+    assert proc.returncode == 1 and "NOT exact" in proc.stdout + proc.stderr
+    assert not out.exists()
+
+
+def test_onnx_export_is_checked_against_pytorch(trained_runs, tmp_path):
+    out = tmp_path / "deploy.pt"
+    proc = run_script("fuse.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/last.pt'}", f"out={out}", "onnx=true")
+    assert "onnx, test batch" in proc.stdout
+    graph = onnx.load(str(tmp_path / "deploy.onnx")).graph
+    assert graph.input[0].name == "images" and graph.output[0].name == "logits"
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch dimension
+    assert not any(node.op_type == "BatchNormalization" for node in graph.node)

@@ -1,0 +1,103 @@
+"""Every config composes, builds what it names, and documents each option."""
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses)
+from conftest import ROOT
+from experiment.models import build_model
+from experiment.optim import build_optimizer, build_scheduler
+from nets import AlexNet, AlexNetAC
+
+CONFIGS = ROOT / "configs"
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_builds_its_network(model):
+    cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16")
+    net = build_model(cfg.model, num_classes=10)
+    assert isinstance(net, AlexNetAC if "_ac" in model else AlexNet)
+    assert net.config["layout"] == ("imagenet" if model.endswith("imagenet") else "cifar")
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_every_optimizer_and_schedule_builds(optimizer, scheduler):
+    cfg = compose_train(f"optimizer={optimizer}", f"scheduler={scheduler}", "model.width=0.125",
+                        "model.classifier_width=16")
+    net = build_model(cfg.model, num_classes=10)
+    opt = build_optimizer(net, cfg.optimizer)
+    sched = build_scheduler(opt, cfg.scheduler, epochs=2, steps_per_epoch=5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * sched.get_last_lr()[0] / cfg.optimizer.lr)
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # BN and bias parameters are not decayed
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_dataset_config_has_what_the_loaders_read(dataset):
+    cfg = compose_train(f"dataset={dataset}")
+    assert cfg.dataset.name == dataset
+    for key in ("batch_size", "eval_batch_size", "mean", "std"):
+        assert key in cfg.dataset, key
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_composes(preset):
+    cfg = compose_train(f"experiment={preset}")
+    OmegaConf.resolve(cfg)
+
+
+def test_published_cifar_recipe():
+    ac = compose_train("experiment=cifar_acnet", "model=alexnet_ac")
+    assert ac.dataset.name == "cifar10" and ac.dataset.batch_size == 128
+    assert (ac.optimizer.lr, ac.optimizer.momentum, ac.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert ac.scheduler.name == "cosine" and ac.scheduler.min_factor == 0
+    assert ac.model.gamma_init == pytest.approx(1 / 3)
+    base = compose_train("experiment=cifar_acnet", "model=alexnet")
+    assert "gamma_init" not in base.model
+    # the two arms differ in the model section only
+    def without_model(cfg):
+        return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k not in ("model", "hydra")}
+
+    assert without_model(ac) == without_model(base)
+
+
+def test_run_directories_are_readable_and_unique():
+    cfg = compose_train("model=alexnet", "dataset=digits", "seed=3")
+    run_dir = cfg.hydra.run.dir
+    assert run_dir.startswith("outputs/") and run_dir.endswith("_alexnet_digits_seed3")
+    assert re.search(r"\d{2}-\d{2}-\d{2}-\d{6}_", run_dir)  # microseconds: runs started in the same second differ
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${model.name}_${dataset.name}_seed${seed}"
+
+
+def test_resume_sends_the_run_back_to_its_own_directory(tmp_path):
+    cfg = compose_train(f"resume={tmp_path}/run/checkpoints/last.pt")
+    assert cfg.hydra.run.dir == str(tmp_path / "run")
+
+
+def test_every_option_carries_a_comment():
+    missing = []
+    for path in CONFIGS.rglob("*.yaml"):
+        if "hydra" in path.relative_to(CONFIGS).parts:
+            continue  # Hydra's own logging schema
+        in_hydra_section = False
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"^hydra:", line):
+                in_hydra_section = True
+            elif re.match(r"^\S", line):
+                in_hydra_section = False
+            is_option = re.match(r"^\s*[A-Za-z_][\w.]*:\s*\S", line) and not line.lstrip().startswith("#")
+            if is_option and not in_hydra_section and "#" not in line and not line.strip().startswith("- "):
+                missing.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not missing, "options without a comment:\n" + "\n".join(missing)

@@ -4,7 +4,8 @@
 
 PATH is a run directory or a sweep directory (searched recursively for metrics.json). Writes
 report.md, report.csv and val_acc1_curves.png into DIR (default: the first PATH) and prints the
-Markdown. Only metrics.json is read; checkpoints are left alone.
+Markdown. Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel
+skeleton of each model after fusion (of its lowest seed), baseline and AC side by side.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from experiment.errors import UserError
 from experiment.figures import save_curves
 
 log = logging.getLogger(__name__)
@@ -237,7 +239,29 @@ def write_report(runs: list[dict], out) -> str:
     (out / "report.md").write_text(markdown)
     write_csv(summary, pairs, out / "report.csv")
     save_curves(runs, out / "val_acc1_curves.png")
+    save_skeletons(runs, out)
     return markdown
+
+
+def save_skeletons(runs: list[dict], out) -> list[Path]:
+    """kernel_skeleton_<dataset>.png per dataset whose runs kept a best.pt: one row per model (lowest seed)."""
+    from experiment.checkpoint import load_checkpoint
+    from experiment.figures import kernel_skeleton, save_kernel_skeleton
+    from experiment.models import model_from_checkpoint
+    from nets import fuse_model
+
+    written = []
+    for dataset, models in _by_group(runs).items():
+        skeletons = {}
+        for model in sorted(models, key=_model_order):
+            with_ckpt = [r for _, r in sorted(models[model].items()) if (Path(r["dir"]) / "checkpoints/best.pt").is_file()]
+            if with_ckpt:
+                path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
+                fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
+                skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
+        if skeletons:
+            written.append(save_kernel_skeleton(skeletons, Path(out) / f"kernel_skeleton_{dataset}.png"))
+    return written
 
 
 def main(argv=None) -> int:
@@ -251,11 +275,12 @@ def main(argv=None) -> int:
         first = Path(args.paths[0])
         out = Path(args.out) if args.out else first if first.is_dir() else first.parent
         markdown = write_report(runs, out)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown, end="")
-    print(f"note: wrote report.md, report.csv and val_acc1_curves.png to {out}", file=sys.stderr)
+    print(f"note: wrote report.md, report.csv, val_acc1_curves.png and any kernel_skeleton_*.png to {out}",
+          file=sys.stderr)
     return 0
 
 

@@ -199,3 +199,14 @@ def test_cli_bad_path_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_report_draws_the_kernel_skeleton_of_runs_with_checkpoints(trained_runs, tmp_path):
+    from PIL import Image
+
+    from experiment.report import load_runs, write_report
+
+    markdown = write_report(load_runs([trained_runs["alexnet"], trained_runs["alexnet_ac"]]), tmp_path)
+    assert "alexnet_ac" in markdown
+    with Image.open(tmp_path / "kernel_skeleton_digits.png") as im:
+        assert im.format == "PNG" and im.size[1] > 400  # two rows (one row is ~250 px): baseline and AC

@@ -1,0 +1,490 @@
+"""Training and inference speed of AlexNet (BN baseline) versus AlexNetAC: `python -m experiment.bench`.
+
+Everything runs through the library code train.py uses: the models come from `experiment.models.build_model`,
+the batches from `experiment.loaders.DeviceLoader` over fake uint8 images (random crop, flip and normalisation
+on the device, as for CIFAR), the optimizer and schedule from `experiment.optim` with the defaults in
+configs/optimizer/sgd.yaml and configs/scheduler/cosine.yaml, and every training step is a step of
+`experiment.engine.train_one_epoch`, so the step measured is the step train.py runs (data pipeline included).
+
+Measured, each the median of `--repeats` timed runs after `--warmup` steps:
+  train    images/s of a training step (forward, backward, SGD, schedule, running loss/accuracy sums) for the
+           baseline and AC, eager and, with --compile, `torch.compile(model, mode=--compile-mode)`
+  eval     images/s of an inference forward pass of the unfused AC model, the fused one (`nets.fuse_model`)
+           and the baseline's deploy form `AlexNet(bn=False)`; eager, and compiled with --compile-eval
+  input    images/s of the DeviceLoader alone
+plus the training-step FLOPs of both models (torch.utils.flop_counter), the peak GPU memory of each
+measurement on CUDA, and the ratios AC/baseline step time, fused/deploy and fused/unfused inference.
+
+    python -m experiment.bench --quick                      # < 2 min on 2 CPU cores, small sizes
+    python -m experiment.bench --quick --device cuda        # real sizes, batches 128/512/1024
+    python -m experiment.bench --device cuda --compile --compile-mode reduce-overhead --json bench.json
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from experiment.distributed import select_device
+from experiment.engine import autocast_context, train_one_epoch
+from experiment.errors import UserError, exit_on_user_error
+from experiment.loaders import DeviceLoader
+from experiment.models import build_model, deploy_config
+from experiment.optim import build_optimizer, build_scheduler
+from nets import fuse_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODELS = {"baseline": "AlexNet", "ac": "AlexNetAC"}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+NUM_CLASSES = 10
+MEAN, STD = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)  # configs/dataset/fake.yaml
+CROP_PADDING = 4
+EVAL_STEPS_FACTOR = 3  # an inference pass costs about a third of a training step: time 3x as many
+
+# --quick: small sizes on a CPU (< 2 min on 2 cores), the real sizes on a GPU (< 3 min on one H100, eager).
+QUICK = {
+    "cpu": dict(width=0.25, classifier_width=512, batch_sizes=[64], steps=5, warmup=2, repeats=3),
+    "cuda": dict(width=1.0, classifier_width=4096, batch_sizes=[128, 512, 1024], steps=30, warmup=10, repeats=3),
+}
+FULL = dict(width=1.0, classifier_width=4096, batch_sizes=[128, 512, 1024], steps=50, warmup=10, repeats=5)
+
+
+def model_config(kind, args):
+    cfg = {"name": f"bench_{kind}", "arch": MODELS[kind], "layout": args.layout, "width": args.width,
+           "classifier_width": args.classifier_width, "dropout": args.dropout}
+    return cfg | ({"bn": True} if kind == "baseline" else {})
+
+
+def training_config():
+    """The optimizer, schedule and trainer defaults train.py starts from."""
+    return (OmegaConf.load(CONFIGS / "optimizer" / "sgd.yaml"), OmegaConf.load(CONFIGS / "scheduler" / "cosine.yaml"),
+            OmegaConf.load(CONFIGS / "trainer" / "default.yaml"))
+
+
+def fake_loader(batch_size, num_batches, image_size, device, *, train=True, channels_last=False, seed=0):
+    """A DeviceLoader over `num_batches` batches of random uint8 images and labels."""
+    g = torch.Generator().manual_seed(seed)
+    n = batch_size * num_batches
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return DeviceLoader(images, labels, batch_size, train=train, mean=MEAN, std=STD, device=device,
+                        crop_padding=CROP_PADDING, hflip=True, seed=seed, channels_last=channels_last)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def _compiled(model, mode):
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def _mode_name(compile_mode):
+    return f"compile:{compile_mode}" if compile_mode else "eager"
+
+
+class TrainRunner:
+    """One model's training steps through `train_one_epoch`, as train.py runs them: `warm()` builds everything
+    and runs the warm-up steps (compilation happens there); each `run()` is one epoch of `steps` timed steps,
+    timed by train_one_epoch's own clock (it synchronises the GPU before reading it)."""
+
+    def __init__(self, kind, batch_size, args, device, compile_mode=None):
+        self.kind, self.batch_size, self.args, self.device = kind, batch_size, args, device
+        self.compile_mode = compile_mode
+        self.losses, self.epoch = [], 0
+
+    def warm(self):
+        args, device = self.args, self.device
+        optimizer_cfg, scheduler_cfg, trainer_cfg = training_config()
+        self.num_batches = max(args.steps, args.warmup, 1)
+        self.loader = fake_loader(self.batch_size, self.num_batches, args.image_size, device,
+                                  channels_last=args.channels_last, seed=args.seed)
+        torch.manual_seed(args.seed)
+        self.model = build_model(model_config(self.kind, args), NUM_CLASSES).to(device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, optimizer_cfg)
+        self.scheduler = build_scheduler(self.optimizer, scheduler_cfg, args.repeats + 2, self.num_batches)
+        self.fast = _compiled(self.model, self.compile_mode) if self.compile_mode else self.model
+        self.step = dict(device=device, amp=args.amp, label_smoothing=trainer_cfg.label_smoothing,
+                         log_every=trainer_cfg.log_every)
+        if args.warmup:
+            self._epoch(args.warmup)
+
+    def _epoch(self, steps):
+        totals, _ = train_one_epoch(self.fast, self.loader, self.optimizer, self.scheduler, epoch=self.epoch,
+                                    start_step=self.num_batches - steps, **self.step)
+        self.epoch += 1
+        self.losses.append(totals.loss_sum / totals.count)
+        return totals.images_timed / totals.seconds
+
+    def run(self):
+        return self._epoch(self.args.steps)
+
+    def result(self):
+        return {"model": self.kind, "mode": _mode_name(self.compile_mode), "loss": self.losses[-1]}
+
+
+class EvalRunner:
+    """Inference images/s of a model (eval mode, no autograd, autocast as in training) on one fixed batch;
+    a timed run is EVAL_STEPS_FACTOR * steps forward passes."""
+
+    def __init__(self, name, model, batch_size, args, device, compile_mode=None):
+        self.name, self.model, self.batch_size, self.args, self.device = name, model, batch_size, args, device
+        self.compile_mode = compile_mode
+        tensors = [*model.parameters(), *model.buffers()]
+        self.owned_bytes = sum(t.numel() * t.element_size() for t in tensors)  # built before warm(): add them
+
+    def warm(self):
+        self.model.eval()
+        self.x, _ = next(fake_loader(self.batch_size, 1, self.args.image_size, self.device, train=False,
+                                     channels_last=self.args.channels_last, seed=self.args.seed).epoch(0))
+        self.fast = _compiled(self.model, self.compile_mode) if self.compile_mode else self.model
+        self._forward(self.args.warmup)
+
+    def _forward(self, n):
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast_context(self.device, self.args.amp):
+            for _ in range(n):
+                self.fast(self.x)
+        _sync(self.device)
+        return n * self.batch_size / (time.perf_counter() - t0)
+
+    def run(self):
+        return self._forward(EVAL_STEPS_FACTOR * self.args.steps)
+
+    def result(self):
+        return {"model": self.name, "mode": _mode_name(self.compile_mode)}
+
+
+def measure(runners, repeats, device):
+    """Warm every runner, then time them in turns (A B C A B C ...), so a slow spell of a shared machine or a
+    clock change hits all of them alike, and report the median per runner. On CUDA, each runner's peak
+    memory is its own footprint: what it keeps allocated (weights, gradients, optimizer state, data) plus its
+    peak during its timed runs, without what the other runners keep."""
+    resident = {}
+    for r in runners:
+        before = _allocated(device)
+        t0 = time.perf_counter()
+        r.warm()
+        r.warmup_s = time.perf_counter() - t0
+        resident[r] = _allocated(device) - before + getattr(r, "owned_bytes", 0)
+    per_run, peak = {r: [] for r in runners}, {r: 0 for r in runners}
+    for _ in range(repeats):
+        for r in runners:
+            start = _allocated(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            per_run[r].append(r.run())
+            if device.type == "cuda":
+                peak[r] = max(peak[r], torch.cuda.max_memory_allocated(device) - start + resident[r])
+    return [_summary(per_run[r], r.batch_size, {**r.result(), "warmup_s": r.warmup_s,
+                                                "peak_mem_bytes": peak[r] if device.type == "cuda" else None})
+            for r in runners]
+
+
+def _measure_group(runners, repeats, device, compile_mode):
+    """Interleaved, except under CUDA graphs (reduce-overhead, max-autotune): there each model is measured
+    alone, so no two models' graphs alternate in the same CUDA-graph tree."""
+    if compile_mode in CUDA_GRAPH_MODES:
+        return [row for r in runners for row in measure([r], repeats, device)]
+    return measure(runners, repeats, device)
+
+
+def _summary(per_run, batch_size, extra=None):
+    img_s = statistics.median(per_run)
+    return {"batch_size": batch_size, "img_per_s": img_s, "step_ms": 1e3 * batch_size / img_s,
+            "runs_img_per_s": per_run, **(extra or {})}
+
+
+def bench_train(kind, batch_size, args, device, compile_mode=None):
+    """(result, trained model) of one model measured alone."""
+    runner = TrainRunner(kind, batch_size, args, device, compile_mode)
+    return measure([runner], args.repeats, device)[0], runner.model
+
+
+def bench_input(batch_size, args, device):
+    """Images/s of the training DeviceLoader alone (crop, flip, normalisation of whole batches)."""
+    start = _allocated(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loader = fake_loader(batch_size, max(args.steps, 1), args.image_size, device, channels_last=args.channels_last,
+                         seed=args.seed)
+
+    def epoch(e):
+        t0 = time.perf_counter()
+        for x, y in loader.epoch(e):
+            pass
+        _sync(device)
+        return len(loader) * batch_size / (time.perf_counter() - t0)
+
+    epoch(0)
+    per_run = [epoch(e + 1) for e in range(args.repeats)]
+    peak = torch.cuda.max_memory_allocated(device) - start if device.type == "cuda" else None
+    result = _summary(per_run, batch_size, {"peak_mem_bytes": peak})
+    result["batches_per_s"] = result["img_per_s"] / batch_size
+    return result
+
+
+def fusion_check(ac_model, args, device, batch_size=8):
+    """Max |logit difference| between the (trained a few steps) AC model and its fusion, float32, eval mode."""
+    x, _ = next(fake_loader(batch_size, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
+    ac_model.eval()
+    with torch.no_grad():
+        fused = fuse_model(ac_model)
+        return (ac_model(x) - fused(x)).abs().max().item()
+
+
+def train_step_flops(model_cfg, image_size):
+    """FLOPs of one training step (forward + backward, per image) counted on the meta device: convolutions and
+    matrix products only (BN, ReLU, pooling and the SGD update are not counted)."""
+    with torch.device("meta"):
+        model = build_model(model_cfg, NUM_CLASSES)
+        x = torch.zeros(1, 3, image_size, image_size)
+        y = torch.zeros(1, dtype=torch.int64)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops()
+
+
+def compiled_loss_curve(kind, *, compile_mode=None, steps=5, batch_size=32, width=0.25, classifier_width=64,
+                        image_size=32, device="cpu", seed=0):
+    """(per-step training losses, trained model) of `steps` one-step epochs of train_one_epoch, eager
+    (compile_mode None) or compiled, float32. Inductor draws dropout masks from its own generator unless
+    `fallback_random`, so it is set here: with it, eager and compiled see the same masks and the two curves
+    can be compared."""
+    import torch._inductor.config as inductor_config
+
+    device = torch.device(device)
+    args = argparse.Namespace(layout="cifar", width=width, classifier_width=classifier_width, dropout=0.5)
+    optimizer_cfg, scheduler_cfg, _ = training_config()
+    loader = fake_loader(batch_size, 1, image_size, device, seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(model_config(kind, args), NUM_CLASSES).to(device)
+    optimizer = build_optimizer(model, optimizer_cfg)
+    scheduler = build_scheduler(optimizer, scheduler_cfg, steps, 1)
+    torch._dynamo.reset()
+    fast = _compiled(model, compile_mode) if compile_mode else model
+    losses = []
+    with inductor_config.patch(fallback_random=True):
+        for epoch in range(steps):
+            torch.manual_seed(seed + 1 + epoch)
+            totals, _ = train_one_epoch(fast, loader, optimizer, scheduler, epoch=epoch, device=device)
+            losses.append(totals.loss_sum / totals.count)
+    return losses, model
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def ratios(train, evals):
+    out = {"ac_over_baseline_step_time": [], "fused_over_deploy": [], "fused_over_unfused": []}
+    by = {(r["model"], r["mode"], r["batch_size"]): r["img_per_s"] for r in train + evals}
+    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in train):
+        out["ac_over_baseline_step_time"].append(
+            {"mode": mode, "batch_size": bs, "ratio": _ratio(by.get(("baseline", mode, bs)), by.get(("ac", mode, bs)))})
+    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in evals):
+        fused = by.get(("ac_fused", mode, bs))
+        out["fused_over_deploy"].append(
+            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("baseline_deploy", mode, bs)))})
+        out["fused_over_unfused"].append(
+            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("ac_unfused", mode, bs)))})
+    return out
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    try:
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other work on a shared machine skews CPU timings
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(args, log=print):
+    """All measurements `args` asks for; returns the result dict that --json writes."""
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
+    results = {"machine": machine(device), "command": " ".join(["python -m experiment.bench", *args.argv]),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("device", "argv", "json")}
+               | {"device": str(device)},
+               "train": [], "eval": [], "input": []}
+    modes = [None] + ([args.compile_mode] if args.compile else [])
+    eval_modes = [None] + ([args.compile_mode] if args.compile and args.compile_eval else [])
+    flops = {kind: train_step_flops(model_config(kind, args), args.image_size) for kind in MODELS}
+    results["train_step_flops_per_image"] = flops | {"ac_over_baseline": flops["ac"] / flops["baseline"]}
+    for bs in args.batch_sizes:
+        for mode in modes:
+            torch._dynamo.reset()  # fresh compile caches per group: no recompile limit, nothing reused
+            runners = [TrainRunner(kind, bs, args, device, mode) for kind in MODELS]
+            for r in _measure_group(runners, args.repeats, device, mode):
+                r["tflops"] = r["img_per_s"] * flops[r["model"]] / 1e12
+                results["train"].append(r)
+                log(f"train  {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
+            ac_model = runners[list(MODELS).index("ac")].model
+            del runners
+        if "fused_max_abs_diff" not in results:
+            results["fused_max_abs_diff"] = fusion_check(ac_model, args, device)
+        torch.manual_seed(args.seed)
+        models = {"ac_unfused": ac_model, "ac_fused": fuse_model(ac_model),
+                  "baseline_deploy": build_model(deploy_config(model_config("baseline", args)), NUM_CLASSES).to(device)}
+        del ac_model
+        if args.channels_last:
+            models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+        for mode in eval_modes:
+            torch._dynamo.reset()
+            runners = [EvalRunner(name, m, bs, args, device, mode) for name, m in models.items()]
+            for r in _measure_group(runners, args.repeats, device, mode):
+                results["eval"].append(r)
+                log(f"eval   {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
+            del runners
+        del models
+        r = bench_input(bs, args, device)
+        results["input"].append(r)
+        log(f"input  DeviceLoader                batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
+    results["ratios"] = ratios(results["train"], results["eval"])
+    return results
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:,.0f}"
+
+
+def _fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def format_table(results):
+    m, s = results["machine"], results["settings"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_threads']} threads, load average {m.get('load_avg_1min', '?')})"
+    amp = "bf16 autocast" if s["amp"] and s["device"].startswith("cuda") else "float32"
+    lines = [f"{where}, torch {m['torch']}, {m['date']}; {s['layout']} layout {s['image_size']}x{s['image_size']}, "
+             f"width {s['width']}, classifier {s['classifier_width']}, {amp}"
+             f"{', channels_last' if s['channels_last'] else ''}; median of {s['repeats']} x {s['steps']} steps "
+             f"after {s['warmup']} warm-up",
+             "", "| train step | mode | batch | img/s | ms/step | TFLOP/s | peak MiB | AC/baseline step time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    step_ratio = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["ac_over_baseline_step_time"]}
+    for r in results["train"]:
+        ratio = _fmt_ratio(step_ratio.get((r["mode"], r["batch_size"]))) if r["model"] == "ac" else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['step_ms']:.2f} | "
+                     f"{r['tflops']:.3g} | {_mib(r['peak_mem_bytes'])} | {ratio} |")
+    fused_deploy = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_deploy"]}
+    fused_unfused = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_unfused"]}
+    lines += ["", "| inference | mode | batch | img/s | peak MiB | fused/deploy | fused/unfused |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results["eval"]:
+        key = (r["mode"], r["batch_size"])
+        extra = (f"{_fmt_ratio(fused_deploy.get(key))} | {_fmt_ratio(fused_unfused.get(key))}"
+                 if r["model"] == "ac_fused" else " | ")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | "
+                     f"{_mib(r['peak_mem_bytes'])} | {extra} |")
+    lines += ["", "| input pipeline (DeviceLoader) | batch | batches/s | img/s |", "|---|---:|---:|---:|"]
+    for r in results["input"]:
+        lines.append(f"| crop+flip+normalise | {r['batch_size']} | {r['batches_per_s']:,.1f} | {r['img_per_s']:,.0f} |")
+    f = results["train_step_flops_per_image"]
+    lines += ["", f"train-step FLOPs per image (forward+backward): baseline {f['baseline'] / 1e9:.3f} G, "
+                  f"AC {f['ac'] / 1e9:.3f} G, AC/baseline {f['ac_over_baseline']:.3f}",
+              f"fused vs unfused AC logits, max |diff|: {results['fused_max_abs_diff']:.2e}"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m experiment.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes on CPU (< 2 min on 2 cores), real sizes and few steps on CUDA")
+    p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")],
+                   help="comma-separated training (and inference) batch sizes (default 128,512,1024)")
+    p.add_argument("--layout", default="cifar", choices=("cifar", "imagenet"))
+    p.add_argument("--image-size", type=int, help="square side (default 32; 224 with --layout imagenet)")
+    p.add_argument("--width", type=float, help="channel multiplier (default 1.0)")
+    p.add_argument("--classifier-width", type=int, help="hidden width of the classifier (default 4096)")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--steps", type=int, help="steps per timed run (default 50)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 10; compile happens here)")
+    p.add_argument("--repeats", type=int, help="timed runs; the median is reported (default 5)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA, as trainer.amp (CPU always float32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last tensors and weights (default: on CUDA only, as trainer.channels_last)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure torch.compile(model) (train.py's trainer.compile=true)")
+    p.add_argument("--compile-eval", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --compile, also measure the compiled inference models")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the fast path; reduce-overhead = CUDA graphs")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write all results here")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.device = select_device(args.device)
+    defaults = dict(FULL)
+    if args.quick:
+        defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.image_size is None:
+        args.image_size = 224 if args.layout == "imagenet" else 32
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.channels_last is None:
+        args.channels_last = args.device.type == "cuda"
+    if min(args.batch_sizes) < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise UserError("--batch-sizes must be >= 2 (BatchNorm), --steps and --repeats >= 1, --warmup >= 0")
+    return args
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    results = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -17,9 +17,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiment import rundir  # registers the resolvers configs/train.yaml uses
 from experiment.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from experiment.datasets import load_dataset
+from experiment.datasets import load_dataset, skipped_images
 from experiment.distributed import (all_gather_object, broadcast_object, cleanup, init_distributed,
-                                    select_device, unwrap, wrap_ddp)
+                                    local_main_first, select_device, unwrap, wrap_ddp)
 from experiment.engine import NonFiniteLoss, TrainTotals, evaluate, reduce_train_totals, train_one_epoch
 from experiment.errors import UserError, exit_on_user_error
 from experiment.interrupt import StopRequest
@@ -47,11 +47,11 @@ def main(cfg):
 def train(cfg, overrides, world, device):
     run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, world))
     ckpt_dir = run_dir / "checkpoints"
-    resume = load_checkpoint(cfg.resume) if cfg.resume else None
+    resume = load_checkpoint(cfg.resume, training=True) if cfg.resume else None
     if resume:
         cfg = resumed_config(cfg, resume["config"], overrides)
     if world.is_main:
-        rundir.check_run_dir_free(run_dir, resuming=resume is not None)
+        rundir.check_run_dir_free(run_dir, resuming=cfg.resume if resume else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
@@ -60,7 +60,11 @@ def train(cfg, overrides, world, device):
         torch.backends.cudnn.benchmark = True
 
     # Data and model
-    data = load_dataset(cfg.dataset)
+    with local_main_first(world):
+        data = load_dataset(cfg.dataset)
+    for split, paths in skipped_images(data).items():
+        log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
+                    len(paths), split, paths[0])
     num_classes = len(data.classes)
     train_loader, test_loader = build_loaders(data, cfg.dataset, device=device, seed=cfg.seed, rank=world.rank,
                                               world_size=world.size, channels_last=cuda and tc.channels_last)
@@ -119,13 +123,15 @@ def train(cfg, overrides, world, device):
                     progress=batch_bar if bars else None, log_every=tc.log_every)
             except NonFiniteLoss as e:
                 last = ckpt_dir / "last.pt"
-                raise UserError(f"{e}; the last good checkpoint is {last if last.exists() else 'none yet'}; "
-                                f"lower optimizer.lr or add scheduler.warmup_epochs") from None
+                good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or with "
+                                f"scheduler.warmup_epochs=1") from None
             finally:
                 batch_bar.close()
             if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
+                state = checkpoint(epoch, step, totals)  # on every rank: it gathers their RNG states
                 if world.is_main:
-                    path = save_checkpoint(checkpoint(epoch, step, totals), ckpt_dir / "last.pt")
+                    path = save_checkpoint(state, ckpt_dir / "last.pt")
                     log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
                                 stop.signal.name, epoch + 1, step, path, rundir.resume_command(path, []))
                 sys.exit(stop.exit_code)
@@ -153,13 +159,12 @@ def train(cfg, overrides, world, device):
             epoch_bar.set_postfix(val_acc1=f"{best_acc1:.2f}") if bars else log.info(message)
             if bars:
                 log.debug(message)
-            state = None
-            if world.is_main and ((epoch + 1) % tc.save_every == 0 or last_epoch):
-                state = checkpoint(epoch + 1, 0)
-                save_checkpoint(state, ckpt_dir / "last.pt")
-            if is_best:
-                state = state or checkpoint(epoch + 1, 0)
-                if world.is_main:
+            save_last = (epoch + 1) % tc.save_every == 0 or last_epoch
+            if save_last or is_best:
+                state = checkpoint(epoch + 1, 0)  # on every rank: it gathers their RNG states
+                if world.is_main and save_last:
+                    save_checkpoint(state, ckpt_dir / "last.pt")
+                if world.is_main and is_best:
                     save_checkpoint(state, ckpt_dir / "best.pt")
             val = None if not last_epoch else val
         epoch_bar.close()

@@ -8,30 +8,49 @@ enough to rebuild the model), and for training checkpoints `optimizer`, `schedul
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from experiment.errors import UserError
 
+# What train.py needs besides `model` and `config` to continue a run.
+TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "best_acc1", "history", "rng", "train_totals")
+
 
 def save_checkpoint(state, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written `path`."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written `path`.
+
+    A failed write (a full disk, no permission) leaves `path` as it was, removes the temporary file and
+    raises a UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
+        raise UserError(f"could not write checkpoint {path} ({_first_line(e)}); {kept}. Free disk space "
+                        f"(df -h {path.parent}) or fix permissions, then resume from the last checkpoint") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _first_line(error, limit=160):
+    lines = str(error).strip().splitlines()
+    return (lines[0][:limit] if lines else "") or type(error).__name__
 
 
 def _umask():
@@ -40,25 +59,37 @@ def _umask():
     return mask
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint without running any code it may carry; a UserError for anything unusable."""
+def load_checkpoint(path, map_location="cpu", training=False):
+    """Read a checkpoint without running any code it may carry; a UserError for anything unusable.
+    `training=True` also requires the training state that resuming needs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file, e.g. "
                         f"outputs/<run>/checkpoints/best.pt")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (the file is empty: an interrupted copy "
+                        f"or download?); pass a .pt file written by train.py or fuse.py")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on an unusual pickle protocol: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code; "
                             f"only checkpoints of plain tensors and containers are accepted") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({e}); pass a .pt file written by train.py") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:100]}); "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
+                        f"rejects its contents); pass a .pt file written by train.py or fuse.py") from None
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ValueError, OSError, ...: a damaged file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e, 100)}); "
                         f"pass a .pt file written by train.py or fuse.py") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this repository (needs 'model' and 'config' entries); "
-                        f"pass a .pt file written by train.py or fuse.py")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)
+            and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):
+        raise UserError(f"{path} is not a checkpoint of this repository (needs 'model', 'config' and 'num_classes' "
+                        f"entries); pass a .pt file written by train.py or fuse.py")
+    missing = [k for k in TRAINING_KEYS if k not in ckpt] if training else []
+    if missing:
+        what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
+        raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
     return ckpt
 
 

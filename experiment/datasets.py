@@ -168,6 +168,13 @@ def _drop_unreadable(split, skip):
         split.skipped = bad
 
 
+def skipped_images(data):
+    """{split name: paths of the unreadable images left out (dataset.skip_bad_images=true)} for the splits that
+    lost any."""
+    splits = {"train": getattr(data, "train", None), "test": getattr(data, "test", None)}
+    return {name: split.skipped for name, split in splits.items() if getattr(split, "skipped", None)}
+
+
 def dataset_config(stored, overrides):
     """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top.
     Naming another dataset starts from that dataset's config file in configs/dataset/."""

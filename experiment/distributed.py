@@ -1,10 +1,14 @@
 """Process-group setup for torchrun; a plain `python train.py` is a world of one and needs none of it."""
 import datetime
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from experiment.errors import UserError
 
 
 @dataclass
@@ -30,6 +34,8 @@ def init_distributed(device_type):
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    if not world.is_main:  # rank 0 reports for all; the others speak up only for errors
+        logging.getLogger().setLevel(logging.ERROR)
     return world
 
 
@@ -49,6 +55,17 @@ def all_reduce_sum(tensor, world):
     return tensor
 
 
+@contextmanager
+def local_main_first(world):
+    """Run the block in each machine's first process, then in the others: a dataset download happens once per
+    machine instead of every process writing the same files at once."""
+    if world.local_rank != 0:
+        dist.barrier()
+    yield
+    if world.distributed and world.local_rank == 0:
+        dist.barrier()
+
+
 def cleanup(world):
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -56,8 +73,6 @@ def cleanup(world):
 
 def select_device(name, local_rank=0):
     """trainer.device (auto | cpu | cuda) -> torch.device."""
-    from experiment.errors import UserError
-
     if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"trainer.device={name} is not a choice; use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
@@ -83,6 +98,9 @@ def wrap_ddp(model, world, device, sync_bn=False):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if sync_bn and device.type != "cuda":
+        raise UserError("trainer.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
+                        "drop it, or train on CUDA devices")
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

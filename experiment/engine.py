@@ -15,8 +15,11 @@ from experiment.distributed import all_reduce_sum
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, epoch, step):
-        super().__init__(f"the training loss became non-finite at epoch {epoch}, step {step}")
+    """`epoch` and `step` are 0-based like the loop's; the message counts from 1, as the logs do."""
+
+    def __init__(self, epoch, step, steps_per_epoch=None):
+        of = f" of {steps_per_epoch}" if steps_per_epoch else ""
+        super().__init__(f"the training loss became non-finite (nan or inf) at epoch {epoch + 1}, step {step + 1}{of}")
         self.epoch, self.step = epoch, step
 
 
@@ -48,7 +51,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch, device, amp=F
     epoch stopped early because `stop_requested()` became true after a finished step."""
     model.train()
     totals = totals or TrainTotals()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    # The loss sum continues from `totals` rather than starting at 0 and being added at the end: float
+    # addition is not associative (late, tiny losses of a long epoch round differently), and only one running
+    # sum makes a run resumed mid-epoch report the very same epoch loss as an uninterrupted one.
+    loss_sum = torch.tensor(totals.loss_sum, device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     count, timed_images, step = 0, 0, start_step
@@ -69,10 +75,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch, device, amp=F
         timed_images += len(y)
         done = step + 1
         if done % log_every == 0 or done == len(loader):
-            _check_finite(first_bad, epoch)
+            _check_finite(first_bad, epoch, len(loader))
             if progress is not None:
                 seconds = time.perf_counter() - t0
-                progress.set_postfix(loss=f"{loss_sum.item() / count:.3f}", acc=f"{100 * correct.item() / count:.1f}",
+                seen = totals.count + count
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                     acc=f"{100 * (totals.correct + correct.item()) / seen:.1f}",
                                      img_s=f"{timed_images / max(seconds, 1e-9):.0f}", refresh=False)
                 progress.update(done - progress.n)
         if stop_requested():
@@ -80,10 +88,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch, device, amp=F
             break
     else:
         step = len(loader)
-    _check_finite(first_bad, epoch)
+    _check_finite(first_bad, epoch, len(loader))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    totals.loss_sum += loss_sum.item()
+    totals.loss_sum = loss_sum.item()
     totals.correct += int(correct.item())
     totals.count += count
     totals.seconds += time.perf_counter() - t0
@@ -91,10 +99,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch, device, amp=F
     return totals, step
 
 
-def _check_finite(first_bad, epoch):
+def _check_finite(first_bad, epoch, steps_per_epoch=None):
     bad = int(first_bad.item())
     if bad >= 0:
-        raise NonFiniteLoss(epoch, bad)
+        raise NonFiniteLoss(epoch, bad, steps_per_epoch)
 
 
 def reduce_train_totals(totals, device, world):

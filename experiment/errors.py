@@ -8,7 +8,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Wrap an entry point: a UserError (or a GPU out-of-memory) becomes `error: ...` and exit status 2."""
+    """Wrap an entry point: a UserError, a GPU out-of-memory or a required config value left out becomes
+    one `error: ...` line on stderr and exit status 2; a Ctrl-C that reaches it, `error: interrupted` and 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -18,9 +19,17 @@ def exit_on_user_error(main):
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         except _out_of_memory_errors() as e:
-            print(f"error: the GPU ran out of memory ({str(e).splitlines()[0][:120]}); "
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            print(f"error: the GPU ran out of memory ({first}); "
                   "try a smaller dataset.batch_size or dataset.eval_batch_size", file=sys.stderr, flush=True)
             sys.exit(2)
+        except _missing_value_errors() as e:  # a `???` in the config that the command line did not fill in
+            key = getattr(e, "full_key", None) or "a required config value"
+            print(f"error: {key} is required; pass {key}=... on the command line", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
+            print("error: interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -29,3 +38,9 @@ def _out_of_memory_errors():
     import torch
 
     return (torch.cuda.OutOfMemoryError,)
+
+
+def _missing_value_errors():
+    from omegaconf.errors import MissingMandatoryValue
+
+    return (MissingMandatoryValue,)

@@ -1,4 +1,6 @@
-"""Stop cleanly on SIGINT/SIGTERM: finish the current step, save, tell the user how to resume."""
+"""Stop cleanly on SIGINT/SIGTERM/SIGUSR2: finish the current step, save, tell the user how to resume.
+
+SIGUSR2 is the early warning the SLURM launcher (submitit) asks SLURM to send before a job's time limit."""
 import signal
 
 import torch
@@ -18,7 +20,7 @@ class StopRequest:
         self.calls = 0
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
         return self
 
     def __exit__(self, *exc):

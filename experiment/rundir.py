@@ -6,6 +6,7 @@ scratch directory (they learn rank 0's over the process group), so a torchrun jo
 directory; `log_file` keeps those processes out of the run's log.
 """
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -41,16 +42,26 @@ def run_dir_of_checkpoint(path):
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def check_run_dir_free(run_dir, resuming):
-    """A new run never writes into a directory that already holds a run."""
+def check_run_dir_free(run_dir, resuming=None):
+    """A run never writes into a directory that already holds a run, unless it is resuming that very run.
+    `resuming`: the path of the checkpoint a resumed run continues from; None for a new run."""
     run_dir = Path(run_dir)
     taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists()
-    if taken and not resuming:
-        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
-                        f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+    if not taken or (resuming and run_dir.resolve() == run_dir_of_checkpoint(resuming)):
+        return
+    if resuming:
+        raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
+                        f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
+    raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
+                    f"resume={run_dir / 'checkpoints' / 'last.pt'}")
 
 
 def resume_command(checkpoint, overrides):
     """The command line that continues a run from `checkpoint` with the same overrides."""
     kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
-    return " ".join([Path(sys.argv[0]).name, *kept, f"resume={checkpoint}"])
+    # train.py as it was typed, so the command works from the same directory (under a launcher such as submitit,
+    # whose own script is argv[0], its absolute path); quoted, since paths may hold spaces
+    script = sys.argv[0]
+    if Path(script).name != "train.py":
+        script = str(Path(__file__).resolve().parents[1] / "train.py")
+    return shlex.join([script, *kept, f"resume={checkpoint}"])

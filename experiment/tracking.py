@@ -11,14 +11,24 @@ log = logging.getLogger("train")
 
 
 def write_json(path, obj):
-    """Atomic JSON write (temp file, then rename)."""
+    """Atomic JSON write (temp file, then rename); a failed write (disk full) leaves `path` and no temp file."""
+    from experiment.errors import UserError
+
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or fix permissions") from None
+        raise
 
 
 def use_progress_bars(enabled):

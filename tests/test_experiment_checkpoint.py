@@ -1,0 +1,187 @@
+"""experiment/checkpoint.py: atomic writes, safe reads, one clear UserError for every unusable file."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from experiment import checkpoint as ckpt_module
+from experiment.checkpoint import TRAINING_KEYS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiment.errors import UserError
+
+
+def make_state(value=1.0):
+    return {"model": {"w": torch.full((3, 3), value), "b": torch.zeros(3)}, "num_classes": 3,
+            "config": {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"}},
+            "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 5}, "scaler": None,
+            "epoch": 1, "step": 0, "best_acc1": 12.5, "history": [{"epoch": 1, "val_acc1": 12.5}],
+            "rng": [rng_state()], "train_totals": None, "classes": ["a", "b", "c"]}
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+class Payload:
+    """Unpickling this creates `path`: a stand-in for a checkpoint that carries code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_round_trip_is_plain_and_weights_only(tmp_path):
+    state = make_state()
+    path = save_checkpoint(state, tmp_path / "deep" / "dir" / "last.pt")
+    assert path == tmp_path / "deep" / "dir" / "last.pt"
+    loaded = load_checkpoint(path, training=True)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["history"] == state["history"] and loaded["config"] == state["config"]
+    torch.load(path, weights_only=True)  # what any user can do with it
+    assert leftovers(path.parent) == []
+
+
+def test_saved_file_is_an_ordinary_file_not_private(tmp_path):
+    path = save_checkpoint(make_state(), tmp_path / "last.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def half_then_fail(error):
+    def fake_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise error
+    return fake_save
+
+
+DISK_FULL = [OSError(28, "No space left on device"),  # what a plain write reports
+             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")]  # torch.save's
+
+
+@pytest.mark.parametrize("error", DISK_FULL)
+def test_failed_write_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch, error):
+    path = save_checkpoint(make_state(1.0), tmp_path / "last.pt")
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", half_then_fail(error))
+    with pytest.raises(UserError, match=r"could not write checkpoint .*last\.pt.*previous .* is intact.*disk space"):
+        save_checkpoint(make_state(2.0), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((3, 3), 1.0))
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", half_then_fail(OSError(28, "No space left on device")))
+    with pytest.raises(UserError, match="nothing was written"):
+        save_checkpoint(make_state(), tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_is_reraised_and_cleaned_up(tmp_path, monkeypatch):
+    path = save_checkpoint(make_state(1.0), tmp_path / "last.pt")
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", half_then_fail(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(make_state(2.0), path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path, monkeypatch):
+    path = save_checkpoint(make_state(1.0), tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def no_rename(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ckpt_module.os, "replace", no_rename)
+    with pytest.raises(UserError, match="is intact"):
+        save_checkpoint(make_state(2.0), path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"does not exist; pass the path of a \.pt file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path)  # a directory is not a checkpoint either
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "the file is empty"),
+    (os.urandom(4096), "not a readable PyTorch checkpoint"),
+    (b"hello, I am a text file\n", "not a readable PyTorch checkpoint"),
+    (b"PK\x03\x04" + b"\0" * 100, "not a readable PyTorch checkpoint"),  # a broken zip archive
+])
+def test_files_that_are_not_checkpoints(tmp_path, content, says):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=says) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = save_checkpoint(make_state(), tmp_path / "last.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("obj", [torch.zeros(3), {"model": {"w": torch.zeros(1)}}, {"config": {}, "model": {}},
+                                 [1, 2, 3], {"model": torch.zeros(1), "config": {"model": {}}, "num_classes": 3}])
+def test_torch_files_that_are_not_checkpoints_of_this_repository(tmp_path, obj):
+    path = tmp_path / "x.pt"
+    torch.save(obj, path)
+    with pytest.raises(UserError, match="not a checkpoint of this repository"):
+        load_checkpoint(path)
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save({**make_state(), "model": Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refusing to load .*pickled Python objects, which could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_raw_pickles_with_code_are_refused(tmp_path, protocol):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Payload(marker), "config": {}}, f, protocol=protocol)
+    with pytest.raises(UserError, match="refusing to load|not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_resuming_needs_the_training_state(tmp_path):
+    deploy = {k: v for k, v in make_state().items() if k not in TRAINING_KEYS}
+    path = save_checkpoint({**deploy, "deploy": True}, tmp_path / "best_deploy.pt")
+    assert load_checkpoint(path)["deploy"] is True  # fine for eval.py
+    with pytest.raises(UserError, match="cannot be resumed \\(a deploy checkpoint\\).*last.pt"):
+        load_checkpoint(path, training=True)
+    partial = {k: v for k, v in make_state().items() if k != "optimizer"}
+    path = save_checkpoint(partial, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="missing optimizer"):
+        load_checkpoint(path, training=True)
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(123)
+    state = make_state()
+    state["rng"] = [rng_state()]
+    expected = torch.rand(5)
+    path = save_checkpoint(state, tmp_path / "last.pt")
+    torch.manual_seed(999)
+    set_rng_state(load_checkpoint(path)["rng"][0])
+    assert torch.equal(torch.rand(5), expected)

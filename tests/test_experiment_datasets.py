@@ -1,0 +1,112 @@
+"""experiment/datasets.py: image-folder layout checks and unreadable images, each a UserError that says what to do."""
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import ROOT
+from experiment.datasets import load_dataset, skipped_images
+from experiment.errors import UserError
+
+
+def png(path, size=12, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def image_tree(root, train=("cat", "dog"), val=("cat", "dog"), per_class=2):
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes:
+            for i in range(per_class):
+                png(root / split / c / f"{i}.png", seed=i)
+    return root
+
+
+def folder_cfg(root, **extra):
+    cfg = OmegaConf.load(ROOT / "configs/dataset/folder.yaml")
+    cfg.root, cfg.image_size, cfg.num_workers = str(root), 16, 0
+    return OmegaConf.merge(cfg, extra)
+
+
+def test_good_tree_loads(tmp_path):
+    data = load_dataset(folder_cfg(image_tree(tmp_path)))
+    assert data.classes == ["cat", "dog"] and len(data.train) == 4 and len(data.test) == 4
+    assert skipped_images(data) == {}
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(UserError, match=r"dataset root .*nonexistent does not exist; set dataset.root"):
+        load_dataset(folder_cfg(tmp_path / "nonexistent"))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_missing_split(tmp_path, split):
+    image_tree(tmp_path)
+    for f in (tmp_path / split).rglob("*.png"):
+        f.unlink()
+    for d in sorted((tmp_path / split).rglob("*"), reverse=True):
+        d.rmdir()
+    (tmp_path / split).rmdir()
+    with pytest.raises(UserError, match=rf"{split} is missing; dataset=folder expects .*/train/<class>/\*\.jpg"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def test_split_without_class_folders(tmp_path):
+    image_tree(tmp_path)
+    png(tmp_path / "loose" / "a.png")
+    for f in (tmp_path / "val").rglob("*.png"):
+        f.rename(tmp_path / "loose" / f"{f.parent.name}{f.name}")
+    for d in (tmp_path / "val").iterdir():
+        d.rmdir()
+    with pytest.raises(UserError, match=r"val has no class folders; put each class's images in .*val/<class>/"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def test_empty_class_folder(tmp_path):
+    image_tree(tmp_path)
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "train" / "emu" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"class folder .*train/emu holds no images .*add images or remove the folder"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def test_different_class_lists(tmp_path):
+    image_tree(tmp_path, train=("cat", "dog", "emu"), val=("cat", "dog", "fox"))
+    with pytest.raises(UserError, match=r"different classes \(only in train: \['emu'\], only in val: \['fox'\]\)"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def corrupt(tmp_path):
+    """A tree with one file of random bytes and one truncated PNG."""
+    image_tree(tmp_path, per_class=3)
+    bad = tmp_path / "train" / "dog" / "broken.png"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    truncated = png(tmp_path / "val" / "cat" / "truncated.png", size=64)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    return bad, truncated
+
+
+def test_unreadable_image_is_named(tmp_path):
+    bad, _ = corrupt(tmp_path)
+    with pytest.raises(UserError, match=rf"cannot read image {bad} \(1 unreadable in .*train\).*skip_bad_images=true"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def test_truncated_image_is_found_before_training(tmp_path):
+    _, truncated = corrupt(tmp_path)
+    bad = tmp_path / "train" / "dog" / "broken.png"
+    bad.unlink()
+    with pytest.raises(UserError, match=rf"cannot read image {truncated}"):
+        load_dataset(folder_cfg(tmp_path))
+
+
+def test_skip_bad_images_leaves_them_out_and_reports_them(tmp_path):
+    bad, truncated = corrupt(tmp_path)
+    data = load_dataset(folder_cfg(tmp_path, skip_bad_images=True))
+    assert len(data.train) == 6 and len(data.test) == 6
+    assert skipped_images(data) == {"train": [str(bad)], "test": [str(truncated)]}
+    assert all(path != str(bad) for path, _ in data.train.samples)
+    image, label = data.train[0]  # what remains still loads
+    assert image.shape == (3, 16, 16)

@@ -1,0 +1,359 @@
+"""Reliability end to end, through the real entry points as subprocesses: interruption and exact resume,
+atomic checkpoints, non-finite losses, checkpoints that carry code, run directories that are never
+overwritten, and every user mistake ending in one `error: ...` line with a non-zero exit and no traceback."""
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, read_metrics, run_script, script_env, start_script
+
+# digits with batch 16: 89 steps an epoch, so a signal lands mid-epoch; dropout stays on (0.5), so the
+# resumed run also has to restore the random-number state to match.
+INTERRUPTIBLE = ["experiment=digits_demo", "model.width=0.125", "model.classifier_width=32", "trainer.progress=false",
+                 "trainer.epochs=3", "dataset.batch_size=16"]
+TIMING = ("epoch_s", "img_per_s")
+
+
+def assert_one_error_line(proc, *phrases, code=2):
+    """Exit status `code`, stderr exactly one `error: ...` line holding every phrase, no traceback anywhere."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+def assert_hydra_error(proc, *phrases):
+    """Hydra's own config errors: its short message (exit 1), naming what was wrong, and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    for phrase in phrases:
+        assert phrase in out, (phrase, out[-3000:])
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temp_files(folder):
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def png_tree(root, classes=("cat", "dog", "fox"), per_class=4, val_classes=None):
+    rng = np.random.default_rng(0)
+    for split, names in (("train", classes), ("val", val_classes or classes)):
+        for c in names:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+FOLDER = ["dataset=folder", "dataset.image_size=32", "dataset.num_workers=0", "dataset.batch_size=4",
+          "dataset.eval_batch_size=5", "trainer.epochs=1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interruption: finish the step, save, print the command that resumes, exit non-zero; the resumed run is exact.
+
+def interrupt(run_dir, sig):
+    """Start a run, wait until it is inside epoch 2, send `sig`; return (returncode, stdout, stderr)."""
+    proc = start_script("train.py", *INTERRUPTIBLE, f"hydra.run.dir={run_dir}")
+    log, deadline = run_dir / "train.log", time.monotonic() + 300
+    try:
+        while not (log.is_file() and "epoch 1/3" in log.read_text()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"train.py never reached epoch 2 (exit {proc.returncode})\n{out[-2000:]}\n{err[-2000:]}")
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def check_interrupted(run_dir, sig, returncode, out, err):
+    """The interrupted run's report and checkpoint; returns the printed resume command."""
+    assert returncode == 128 + sig, (returncode, out[-2000:], err[-2000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    last = run_dir / "checkpoints" / "last.pt"
+    match = re.search(rf"interrupted \({signal.Signals(sig).name}\) at epoch 2, step (\d+); saved (.+)$", out, re.M)
+    assert match and match.group(2) == str(last), out[-2000:]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == int(match.group(1)) and 0 < ckpt["step"] < 89
+    assert ckpt["train_totals"]["count"] == 16 * ckpt["step"]
+    assert len(ckpt["history"]) == 1 and not (run_dir / "metrics.json").exists()
+    assert temp_files(run_dir) == []
+    command = re.search(r"^resume with: python (.+)$", out, re.M)
+    assert command, out[-2000:]
+    return command.group(1)
+
+
+def test_sigterm_finishes_the_step_saves_and_prints_the_resume_command(tmp_path):
+    run_dir = tmp_path / "run"
+    command = check_interrupted(run_dir, signal.SIGTERM, *interrupt(run_dir, signal.SIGTERM))
+    assert shlex.split(command) == [str(ROOT / "train.py"), f"resume={run_dir / 'checkpoints' / 'last.pt'}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_script("train.py", *INTERRUPTIBLE, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_resumed_after_a_signal_ends_exactly_like_an_uninterrupted_one(tmp_path, uninterrupted, sig):
+    run_dir = tmp_path / "run"
+    command = check_interrupted(run_dir, sig, *interrupt(run_dir, sig))
+    # Run exactly the printed command, from where the user ran the first one.
+    resumed = subprocess.run([sys.executable, *shlex.split(command)], cwd=ROOT, text=True, capture_output=True,
+                             env=script_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch 1/3" not in resumed.stdout and "epoch 3/3" in resumed.stdout
+
+    a, b = read_metrics(uninterrupted), read_metrics(run_dir)
+    strip = lambda history: [{k: v for k, v in h.items() if k not in TIMING} for h in history]  # noqa: E731
+    assert strip(b["history"]) == strip(a["history"])
+    assert (b["best_acc1"], b["final_acc1"], b["epochs"]) == (a["best_acc1"], a["final_acc1"], a["epochs"])
+    ckpt_a = torch.load(uninterrupted / "checkpoints/last.pt", weights_only=True)
+    ckpt_b = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert ckpt_a["model"].keys() == ckpt_b["model"].keys()
+    assert all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+    momentum_a = [s["momentum_buffer"] for s in ckpt_a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in ckpt_b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert ckpt_a["scheduler"]["last_epoch"] == ckpt_b["scheduler"]["last_epoch"] == 3 * 89
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+
+@pytest.mark.parametrize("blow_up, epoch, good", [
+    (["optimizer.lr=1e6"], 1, "no checkpoint was written yet"),
+    # a sane first epoch, then the learning rate multiplied by 1e8 half-way: epoch 2 diverges
+    (["scheduler=multistep", "scheduler.milestones=[0.5]", "scheduler.gamma=1e8"], 2, "the last good checkpoint is"),
+], ids=["first-epoch", "after-a-checkpoint"])
+def test_non_finite_loss_stops_with_epoch_step_and_last_good_checkpoint(tmp_path, blow_up, epoch, good):
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", *TINY, "trainer.epochs=2", *blow_up, f"hydra.run.dir={run_dir}", check=False)
+    line = assert_one_error_line(proc, f"non-finite (nan or inf) at epoch {epoch}, step ", good, "optimizer.lr")
+    assert not (run_dir / "metrics.json").exists()
+    if epoch == 2:
+        last = run_dir / "checkpoints" / "last.pt"
+        assert str(last) in line
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint that carries code is refused and its code never runs.
+
+class Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):  # unpickling this creates the file
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("script, key", [("train.py", "resume"), ("fuse.py", "ckpt"), ("eval.py", "ckpt")])
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, script, key):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "downloaded" / "best.pt"
+    evil.parent.mkdir()
+    torch.save({"model": Payload(marker), "config": {"model": {"arch": "AlexNet"}}, "num_classes": 10}, evil)
+    proc = run_script(script, f"{key}={evil}", check=False)
+    assert_one_error_line(proc, "refusing to load", "pickled Python objects")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directories
+
+def test_a_new_run_never_writes_into_an_existing_run(trained_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_runs["alexnet"], run_dir)
+    before = snapshot(run_dir)
+    proc = run_script("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
+    assert_one_error_line(proc, f"{run_dir} already holds a run", f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+    assert snapshot(run_dir) == before
+
+
+def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(trained_runs["alexnet"], run_dir)
+    shutil.copytree(trained_runs["alexnet_ac"], other)
+    before, before_other = snapshot(run_dir), snapshot(other)
+    proc = run_script("train.py", f"resume={other / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}",
+                      check=False)
+    assert_one_error_line(proc, "already holds another run", "leave out hydra.run.dir")
+    assert snapshot(run_dir) == before and snapshot(other) == before_other
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files that are not usable
+
+def write_bad_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "random-bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "tensor":
+        torch.save(torch.zeros(3, 3), path)
+    return path
+
+
+BAD_FILES = {"missing": "does not exist", "random-bytes": "not a readable PyTorch checkpoint",
+             "empty": "the file is empty", "tensor": "not a checkpoint of this repository"}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+@pytest.mark.parametrize("script, key", [("train.py", "resume"), ("fuse.py", "ckpt"), ("eval.py", "ckpt")])
+def test_unusable_checkpoint_files(tmp_path, script, key, kind):
+    if script != "train.py" and kind == "missing":
+        pytest.skip("covered for eval.py and fuse.py by tests/test_eval.py")
+    path = write_bad_file(tmp_path, kind)
+    proc = run_script(script, f"{key}={path}", check=False)
+    assert_one_error_line(proc, str(path), BAD_FILES[kind])
+
+
+def edited_checkpoint(trained_runs, tmp_path, edit):
+    ckpt = torch.load(trained_runs["alexnet_ac"] / "checkpoints/best.pt", weights_only=True)
+    edit(ckpt)
+    path = tmp_path / "edited.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+EDITS = {
+    "wider": lambda c: c["config"]["model"].update(width=0.25),
+    # AC weights under the baseline's config (whose constructor has no gamma_init)
+    "other-arch": lambda c: (c["config"]["model"].update(arch="AlexNet"), c["config"]["model"].pop("gamma_init")),
+    "more-classes": lambda c: c.update(num_classes=12),
+}
+
+
+@pytest.mark.parametrize("script", ["fuse.py", "eval.py"])
+@pytest.mark.parametrize("edit", ["wider", "other-arch"])
+def test_checkpoint_whose_weights_do_not_fit_its_config(trained_runs, tmp_path, script, edit):
+    path = edited_checkpoint(trained_runs, tmp_path, EDITS[edit])
+    proc = run_script(script, f"ckpt={path}", check=False)
+    assert_one_error_line(proc, f"the weights in {path} do not fit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]  # nothing written beside it
+
+
+def test_fuse_checkpoint_of_another_class_count(trained_runs, tmp_path):
+    path = edited_checkpoint(trained_runs, tmp_path, EDITS["more-classes"])
+    assert_one_error_line(run_script("fuse.py", f"ckpt={path}", check=False), "do not fit")
+
+
+def test_eval_on_a_dataset_with_another_class_count(trained_runs, tmp_path):
+    root = png_tree(tmp_path / "data", per_class=2)
+    proc = run_script("eval.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/best.pt'}", "dataset.name=folder",
+                      f"dataset.root={root}", "dataset.num_workers=0", check=False)
+    assert_one_error_line(proc, "predicts 10 classes but dataset folder has 3")
+
+
+@pytest.mark.parametrize("script", ["fuse.py", "eval.py"])
+def test_ckpt_left_out(script):
+    assert_one_error_line(run_script(script, check=False), "ckpt is required; pass ckpt=")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+def test_folder_dataset_root_missing(tmp_path):
+    proc = run_script("train.py", *TINY, *FOLDER, "dataset.root=/nonexistent", f"hydra.run.dir={tmp_path / 'run'}",
+                      check=False)
+    assert_one_error_line(proc, "dataset root /nonexistent does not exist", "dataset.root")
+
+
+def test_folder_dataset_root_left_out(tmp_path):
+    proc = run_script("train.py", *TINY, "dataset=folder", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, "dataset.root is required")
+
+
+def test_cifar10_not_downloaded_and_download_off(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("train.py", "dataset=cifar10", "dataset.download=false", f"dataset.root={tmp_path / 'empty'}",
+                      "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, f"cifar10 not found or corrupted in {tmp_path / 'empty'}", "dataset.download=true")
+
+
+def test_folder_with_different_class_lists(tmp_path):
+    root = png_tree(tmp_path / "data", classes=("cat", "dog"), val_classes=("cat", "emu"))
+    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+                      check=False)
+    assert_one_error_line(proc, "different classes", "only in train: ['dog']", "only in val: ['emu']")
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
+    root = png_tree(tmp_path / "data")
+    bad = root / "train" / "dog" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+                      check=False)
+    assert_one_error_line(proc, f"cannot read image {bad}", "dataset.skip_bad_images=true")
+
+    run_dir = tmp_path / "skipping"
+    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", "dataset.skip_bad_images=true",
+                      f"hydra.run.dir={run_dir}")
+    says = "left out 1 unreadable image(s) of the train split (dataset.skip_bad_images=true)"
+    assert says in proc.stdout and says in (run_dir / "train.log").read_text()
+    assert read_metrics(run_dir)["dataset"] == "folder"
+
+
+def test_batch_larger_than_the_dataset(tmp_path):
+    proc = run_script("train.py", *TINY, "dataset.batch_size=5000", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, "dataset.batch_size 5000 is larger than the 1437 training samples")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+@pytest.mark.parametrize("override, says", [
+    ("trainer.device=gpu", "trainer.device=gpu is not a choice; use auto, cpu or cuda"),
+    ("scheduler.name=bogus", "unknown scheduler 'bogus'"),
+    ("optimizer.lr=-1", "cannot build the optimizer"),
+])
+def test_bad_config_values(tmp_path, override, says):
+    proc = run_script("train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, says)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(tmp_path):
+    proc = run_script("train.py", *TINY, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, "trainer.device=cuda but no CUDA device is visible", "trainer.device=cpu")
+
+
+@pytest.mark.parametrize("script, override, says", [
+    ("train.py", "trainer.nonexistent=1",
+     ["Could not override 'trainer.nonexistent'", "Key 'nonexistent' is not in struct"]),
+    ("train.py", "model=nonexistent", ["Could not find 'model/nonexistent'", "alexnet_ac"]),
+    ("eval.py", "bogus=1", ["Could not override 'bogus'"]),
+])
+def test_unknown_config_keys_and_options(tmp_path, script, override, says):
+    proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_hydra_error(proc, *says)
+    assert not (tmp_path / "run").exists()

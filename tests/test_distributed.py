@@ -205,10 +205,6 @@ def test_slurm_launcher_config_composes():
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="cloudpickle pickles train.py's functions by value and fails on torch module objects they "
-                          "reach (torch.classes via `data.classes`, torch.backends.cudnn); fixed once train() lives "
-                          "in the experiment package")
 def test_train_entry_point_pickles_for_the_slurm_launcher():
     """The SLURM launcher (submitit) sends Hydra's task function to the job with cloudpickle."""
     cloudpickle = pytest.importorskip("cloudpickle")

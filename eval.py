@@ -52,6 +52,7 @@ def main(cfg):
               "per_class_acc1": {c: 100 * a for c, a in zip(classes, per_class.tolist())}}
     log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%%, loss %.4f, %d images, %.0f img/s", report["model"],
              data_cfg.name, report["acc1"], report["acc5"], report["loss"], report["num_samples"], report["img_per_s"])
+    log.info("per-class top-1: %s", "  ".join(f"{c} {a:.1f}" for c, a in report["per_class_acc1"].items()))
 
     if cfg.compare:
         other = load_checkpoint(cfg.compare)

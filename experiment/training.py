@@ -70,7 +70,8 @@ def train(cfg, overrides, world, device, run_dir):
         totals = TrainTotals(**resume["train_totals"]) if step else None
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, epoch + 1, step)
     ddp_model = wrap_ddp(model, world, device, sync_bn=tc.sync_bn)
-    fast_model = torch.compile(ddp_model) if tc.compile else ddp_model
+    fast_model = torch.compile(ddp_model, mode=None if tc.compile_mode == "default" else tc.compile_mode) \
+        if tc.compile else ddp_model
     if resume:  # after everything that draws random numbers at start-up, so dropout continues where it stopped
         rngs = resume["rng"]
         set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])

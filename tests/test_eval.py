@@ -28,6 +28,18 @@ def test_eval_reports_and_trained_equals_fused(trained_runs, tmp_path):
     assert json.loads(deploy_report.read_text())["acc1"] == report["acc1"]
 
 
+def test_fused_model_changes_no_prediction_on_cifar_sized_random_images(trained_runs, tmp_path):
+    # 10,000 random 32x32 images: far from the training data, full of near-ties, where a fold error would show
+    best = trained_runs["alexnet_ac"] / "checkpoints/best.pt"
+    deploy = tmp_path / "deploy.pt"
+    run_script("fuse.py", f"ckpt={best}", f"out={deploy}")
+    out = tmp_path / "fake.eval.json"
+    run_script("eval.py", f"ckpt={best}", f"compare={deploy}", "dataset.name=fake", f"out={out}")
+    report = json.loads(out.read_text())
+    assert report["dataset"] == "fake" and report["num_samples"] == 10000
+    assert report["compare"]["acc1_difference"] == 0 and report["compare"]["differing_predictions"] == 0
+
+
 def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
     not_ckpt = tmp_path / "notes.pt"
     not_ckpt.write_text("hello")

@@ -21,6 +21,9 @@ class _AlexNetBase(nn.Module):
 
     def __init__(self, conv_block, num_classes, layout, width, classifier_width, dropout):
         super().__init__()
+        # the constructor's options, so fuse_model can build the deploy twin; subclasses add their own
+        self.config = dict(num_classes=num_classes, layout=layout, width=width, classifier_width=classifier_width,
+                           dropout=dropout)
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
         if width <= 0:
@@ -76,14 +79,7 @@ class AlexNet(_AlexNetBase):
             return [("conv", conv), ("bn", nn.BatchNorm2d(cout))] if bn else [("conv", conv)]
 
         super().__init__(conv_block, num_classes, layout, width, classifier_width, dropout)
-        self.config = dict(
-            num_classes=num_classes,
-            layout=layout,
-            width=width,
-            classifier_width=classifier_width,
-            dropout=dropout,
-            bn=bn,
-        )
+        self.config["bn"] = bn
 
 
 class AlexNetAC(_AlexNetBase):
@@ -96,11 +92,4 @@ class AlexNetAC(_AlexNetBase):
             return [("conv", ACBlock(cin, cout, k, stride=s, padding=p, gamma_init=gamma_init))]
 
         super().__init__(conv_block, num_classes, layout, width, classifier_width, dropout)
-        self.config = dict(
-            num_classes=num_classes,
-            layout=layout,
-            width=width,
-            classifier_width=classifier_width,
-            dropout=dropout,
-            gamma_init=gamma_init,
-        )
+        self.config["gamma_init"] = gamma_init

@@ -18,9 +18,11 @@ def epoch_generator(seed, epoch):
 
 
 def normalize(images, mean, std, channels_last=False):
-    """uint8 (N, C, H, W) -> float32, normalised with per-channel mean/std given on the 0..1 scale."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    """uint8 (N, C, H, W) -> float32, normalised with per-channel mean/std given on the 0..1 scale: sequences,
+    or tensors already on the images' device (the loaders keep them there: copying them from the host for
+    every batch would make each step wait for the GPU)."""
+    mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -43,7 +45,8 @@ class DeviceLoader:
             _check_batch(batch_size, world_size, len(labels), "dataset.batch_size")
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.mean, self.std, self.channels_last = mean, std, channels_last
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+        self.channels_last = channels_last
         self.crop_padding = crop_padding if train else 0
         self.hflip = hflip and train
         self.num_samples = len(labels)
@@ -105,11 +108,8 @@ class _EpochSampler(torch.utils.data.Sampler):
             return iter(range(ld.rank, ld.num_samples, ld.world_size))
         order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
         local = ld.batch_size // ld.world_size
-        return iter([i for step in range(self.start_step, len(ld))
-                     for i in order[step * ld.batch_size + ld.rank * local:][:local]])
-
-    def __len__(self):
-        return len(list(iter(self)))
+        starts = (step * ld.batch_size + ld.rank * local for step in range(self.start_step, len(ld)))
+        return iter([i for start in starts for i in order[start:start + local]])
 
 
 class FolderLoader:
@@ -119,13 +119,14 @@ class FolderLoader:
             _check_batch(batch_size, world_size, len(dataset), "dataset.batch_size")
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.rank, self.world_size, self.num_samples = rank, world_size, len(dataset)
-        self.mean, self.std, self.channels_last, self.device = mean, std, channels_last, device
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+        self.channels_last, self.device = channels_last, device
         self.sampler = _EpochSampler(self)
         local = batch_size // world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
-            generator=torch.Generator().manual_seed(seed), drop_last=False)
+            generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
 
     def __len__(self):
         if self.train:

@@ -5,9 +5,11 @@ would pull the branch BNs of an ACB towards zero and penalise the AC model more 
 The schedule is a function of the optimizer step, so it resumes exactly from a step count.
 """
 import math
+from types import SimpleNamespace
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from experiment.errors import UserError
 
@@ -51,5 +53,7 @@ def lr_factor(cfg, step, total_steps, steps_per_epoch):
 def build_scheduler(optimizer, cfg, epochs, steps_per_epoch):
     """A per-step LambdaLR following `lr_factor`; `cfg` is the `scheduler` config section."""
     total = epochs * steps_per_epoch
+    # a plain namespace: the lambda runs every step, and reading an OmegaConf node costs ~50x more
+    cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
     lr_factor(cfg, 0, total, steps_per_epoch)  # an unknown name fails here, not after the first epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total, steps_per_epoch))

@@ -6,13 +6,15 @@ beside it.
 With compare=, both checkpoints run on the same data in float32 and the differing predictions are counted:
 for a trained model and its fusion both the accuracy difference and that count must be 0.
 """
+import contextlib
 import logging
 from pathlib import Path
 
 import hydra
 
 from experiment.checkpoint import load_checkpoint
-from experiment.datasets import dataset_config, load_dataset, skipped_images
+from experiment.deploy import exact_float32
+from experiment.datasets import dataset_config, load_dataset, report_skipped_images
 from experiment.distributed import World, select_device
 from experiment.engine import evaluate
 from experiment.errors import UserError, exit_on_user_error
@@ -27,13 +29,11 @@ log = logging.getLogger("eval")
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
     data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
-    data = load_dataset(data_cfg)
-    for split, paths in skipped_images(data).items():
-        log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
-                    len(paths), split, paths[0])
+    data = load_dataset(data_cfg, train=False)
+    report_skipped_images(data)
     if len(data.classes) != ckpt["num_classes"]:
         raise UserError(f"{cfg.ckpt} predicts {ckpt['num_classes']} classes but dataset {data_cfg.name} has "
                         f"{len(data.classes)}; evaluate it on the dataset it was trained on")
@@ -43,7 +43,10 @@ def main(cfg):
         return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(data.classes),
                         device=device, world=World(), amp=amp, return_predictions=True)
 
-    result = run(ckpt, cfg.ckpt, cfg.amp)
+    # With compare=, both models run in exact float32 (no bf16, no TF32): a fusion must change no prediction.
+    precise = exact_float32 if cfg.compare else contextlib.nullcontext
+    with precise():
+        result = run(ckpt, cfg.ckpt, cfg.amp and not cfg.compare)
     classes = list(data.classes)
     per_class = result["confusion"].diag().double() / result["confusion"].sum(1).clamp(min=1)
     report = {"checkpoint": str(cfg.ckpt), "model": ckpt["config"]["model"]["name"], "dataset": data_cfg.name,
@@ -59,14 +62,14 @@ def main(cfg):
         if other["num_classes"] != ckpt["num_classes"]:
             raise UserError(f"{cfg.compare} predicts {other['num_classes']} classes, {cfg.ckpt} "
                             f"{ckpt['num_classes']}; compare checkpoints of the same task")
-        mine = run(ckpt, cfg.ckpt, False) if cfg.amp and device.type == "cuda" else result
-        theirs = run(other, cfg.compare, False)
-        differing = int((mine["predictions"] != theirs["predictions"]).sum())
+        with precise():
+            theirs = run(other, cfg.compare, False)
+        differing = int((result["predictions"] != theirs["predictions"]).sum())
         report["compare"] = {"checkpoint": str(cfg.compare), "model": other["config"]["model"]["name"],
-                             "acc1": theirs["acc1"], "acc1_difference": theirs["acc1"] - mine["acc1"],
+                             "acc1": theirs["acc1"], "acc1_difference": theirs["acc1"] - result["acc1"],
                              "differing_predictions": differing}
         log.info("compare %s: top-1 %.2f%% (difference %+.4f points), %d of %d predictions differ (float32)",
-                 report["compare"]["model"], theirs["acc1"], theirs["acc1"] - mine["acc1"], differing,
+                 report["compare"]["model"], theirs["acc1"], theirs["acc1"] - result["acc1"], differing,
                  result["num_samples"])
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")

@@ -35,10 +35,11 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiment.distributed import select_device
+from experiment.deploy import logit_difference
 from experiment.engine import autocast_context, train_one_epoch
 from experiment.errors import UserError, exit_on_user_error
 from experiment.loaders import DeviceLoader
-from experiment.models import build_model, deploy_config
+from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler
 from nets import fuse_model
 
@@ -134,7 +135,7 @@ class TrainRunner:
                                     start_step=self.num_batches - steps, **self.step)
         self.epoch += 1
         self.losses.append(totals.loss_sum / totals.count)
-        return totals.images_timed / totals.seconds
+        return totals.count / totals.seconds
 
     def run(self):
         return self._epoch(self.args.steps)
@@ -247,10 +248,7 @@ def bench_input(batch_size, args, device):
 def fusion_check(ac_model, args, device, batch_size=8):
     """Max |logit difference| between the (trained a few steps) AC model and its fusion, float32, eval mode."""
     x, _ = next(fake_loader(batch_size, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
-    ac_model.eval()
-    with torch.no_grad():
-        fused = fuse_model(ac_model)
-        return (ac_model(x) - fused(x)).abs().max().item()
+    return logit_difference(ac_model, fuse_model(ac_model), x)["max_abs"]
 
 
 def train_step_flops(model_cfg, image_size):
@@ -360,7 +358,7 @@ def run(args, log=print):
             results["fused_max_abs_diff"] = fusion_check(ac_model, args, device)
         torch.manual_seed(args.seed)
         models = {"ac_unfused": ac_model, "ac_fused": fuse_model(ac_model),
-                  "baseline_deploy": build_model(deploy_config(model_config("baseline", args)), NUM_CLASSES).to(device)}
+                  "baseline_deploy": fuse_model(build_model(model_config("baseline", args), NUM_CLASSES)).to(device)}
         del ac_model
         if args.channels_last:
             models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
@@ -454,7 +452,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args(argv)
     args.argv = argv
-    args.device = select_device(args.device)
+    args.device = select_device(args.device, option="--device")
     defaults = dict(FULL)
     if args.quick:
         defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"]

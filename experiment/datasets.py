@@ -3,6 +3,7 @@
 Every failure a user can cause (no network, a missing root, a broken folder layout, an unreadable image)
 becomes a UserError that says what to do.
 """
+import logging
 import os
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from experiment.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -37,13 +40,14 @@ class FolderData:
     classes: list
 
 
-def load_dataset(cfg):
-    """Load the dataset a `dataset/` config describes."""
+def load_dataset(cfg, train=True):
+    """Load the dataset a `dataset/` config describes; `train=False` (evaluation) spares an image folder's
+    training split its listing and scan."""
     loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
                "folder": _load_folder}
     if cfg.name not in loaders:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
-    return loaders[cfg.name](cfg)
+    return _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
 
 
 def _load_cifar(cfg):
@@ -100,30 +104,30 @@ def _load_fake(cfg):
     return TensorData(*split(cfg.train_size), *split(cfg.test_size), classes=[str(c) for c in range(cfg.num_classes)])
 
 
-def _load_folder(cfg):
+def _load_folder(cfg, train=True):
     from torchvision import datasets, transforms
 
     root = Path(cfg.root).expanduser()
-    classes = check_folder_layout(root)
+    classes = check_folder_layout(root, ("train", "val") if train else ("val",))
     size = cfg.image_size
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.PILToTensor()])
     test_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
                                   transforms.PILToTensor()])
-    train = datasets.ImageFolder(root / "train", transform=train_tf)
-    test = datasets.ImageFolder(root / "val", transform=test_tf)
+    splits = [datasets.ImageFolder(root / "train", transform=train_tf) if train else None,
+              datasets.ImageFolder(root / "val", transform=test_tf)]
     if cfg.verify_images:
-        for split in (train, test):
+        for split in filter(None, splits):
             _drop_unreadable(split, skip=cfg.skip_bad_images)
-    return FolderData(train, test, classes)
+    return FolderData(*splits, classes)
 
 
-def check_folder_layout(root):
+def check_folder_layout(root, splits=("train", "val")):
     """Validate root/train/<class>/* and root/val/<class>/* before any training; return the class names."""
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; set dataset.root to a folder holding train/ and val/")
     found = {}
-    for split in ("train", "val"):
+    for split in splits:
         folder = root / split
         if not folder.is_dir():
             raise UserError(f"{folder} is missing; dataset=folder expects {root}/train/<class>/*.jpg and "
@@ -136,12 +140,12 @@ def check_folder_layout(root):
                 raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                 f"add images or remove the folder")
         found[split] = classes
-    if found["train"] != found["val"]:
+    if len(found) == 2 and found["train"] != found["val"]:
         only_train = sorted(set(found["train"]) - set(found["val"]))
         only_val = sorted(set(found["val"]) - set(found["train"]))
         raise UserError(f"train/ and val/ under {root} have different classes (only in train: {only_train}, "
                         f"only in val: {only_val}); both splits need the same class folders")
-    return found["train"]
+    return found[splits[0]]
 
 
 def _drop_unreadable(split, skip):
@@ -168,11 +172,13 @@ def _drop_unreadable(split, skip):
         split.skipped = bad
 
 
-def skipped_images(data):
-    """{split name: paths of the unreadable images left out (dataset.skip_bad_images=true)} for the splits that
-    lost any."""
-    splits = {"train": getattr(data, "train", None), "test": getattr(data, "test", None)}
-    return {name: split.skipped for name, split in splits.items() if getattr(split, "skipped", None)}
+def report_skipped_images(data):
+    """Log how many unreadable images dataset.skip_bad_images=true left out, per split."""
+    for name in ("train", "test"):
+        bad = getattr(getattr(data, name, None), "skipped", None)
+        if bad:
+            log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
+                        len(bad), name, bad[0])
 
 
 def dataset_config(stored, overrides):

@@ -1,4 +1,5 @@
 """From a trained checkpoint to a deployable one: fuse, prove the fusion exact, export to ONNX."""
+import contextlib
 import copy
 import logging
 
@@ -15,9 +16,21 @@ def is_deploy(ckpt):
 def deploy_checkpoint(ckpt, fused_model, source):
     """The deploy checkpoint: AlexNet(bn=False) weights and the config that rebuilds them, no training state."""
     config = copy.deepcopy(ckpt["config"])
-    config["model"] = deploy_config(config["model"])
+    config["model"] = deploy_config(config["model"]["name"], fused_model)
     return {"model": fused_model.state_dict(), "config": config, "num_classes": ckpt["num_classes"],
             "classes": ckpt.get("classes"), "deploy": True, "source": str(source), "epoch": ckpt.get("epoch")}
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """True float32 arithmetic on CUDA: PyTorch runs cuDNN convolutions in TF32 by default, whose ~1e-3
+    relative error would hide (or fake) a difference between a model and its fusion."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def compare_logits(reference, other):
@@ -31,7 +44,8 @@ def compare_logits(reference, other):
 
 @torch.no_grad()
 def logit_difference(model_a, model_b, images):
-    return compare_logits(model_a.eval()(images), model_b.eval()(images))
+    with exact_float32():
+        return compare_logits(model_a.eval()(images), model_b.eval()(images))
 
 
 def export_onnx(model, example, path):

@@ -1,5 +1,7 @@
 """Build a network from its config. A closed registry, not `hydra.utils.instantiate`: a model is rebuilt from
 the config stored in a checkpoint, and a downloaded checkpoint must not be able to name any callable."""
+import torch
+
 from nets import AlexNet, AlexNetAC
 
 from experiment.errors import UserError
@@ -19,11 +21,25 @@ def build_model(model_cfg, num_classes):
         raise UserError(f"cannot build {arch} from model options {options}: {e}") from None
 
 
-def deploy_config(model_cfg):
-    """The `model` config section of the deploy form that `nets.fuse_model` returns: AlexNet without BN."""
-    keep = ("layout", "width", "classifier_width", "dropout")
-    cfg = {k: model_cfg[k] for k in keep if k in model_cfg}
-    return {"name": f"{model_cfg['name']}_deploy", "arch": "AlexNet", **cfg, "bn": False}
+def deploy_config(name, fused_model):
+    """The `model` config section that rebuilds `fused_model`, what `nets.fuse_model` returned for model `name`."""
+    options = {k: v for k, v in fused_model.config.items() if k != "num_classes"}
+    return {"name": f"{name}_deploy", "arch": type(fused_model).__name__, **options}
+
+
+def check_input_fits(model, images, name):
+    """One forward pass of `images` in eval mode (no statistics updated, no random numbers drawn): a model
+    whose layout does not fit the image size fails here with one line, not in the first training step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    except RuntimeError as e:
+        raise UserError(f"model {name} does not fit {images.shape[-2]}x{images.shape[-1]} images "
+                        f"({str(e).splitlines()[0][:100]}); the imagenet layout needs at least 63 pixels: use "
+                        f"model=alexnet or alexnet_ac for 32-pixel data") from None
+    finally:
+        model.train(was_training)
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):

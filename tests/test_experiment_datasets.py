@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT
-from experiment.datasets import load_dataset, skipped_images
+from experiment.datasets import load_dataset, report_skipped_images
 from experiment.errors import UserError
 
 
@@ -30,10 +30,11 @@ def folder_cfg(root, **extra):
     return OmegaConf.merge(cfg, extra)
 
 
-def test_good_tree_loads(tmp_path):
+def test_good_tree_loads(tmp_path, caplog):
     data = load_dataset(folder_cfg(image_tree(tmp_path)))
     assert data.classes == ["cat", "dog"] and len(data.train) == 4 and len(data.test) == 4
-    assert skipped_images(data) == {}
+    report_skipped_images(data)
+    assert "unreadable" not in caplog.text
 
 
 def test_missing_root(tmp_path):
@@ -102,11 +103,23 @@ def test_truncated_image_is_found_before_training(tmp_path):
         load_dataset(folder_cfg(tmp_path))
 
 
-def test_skip_bad_images_leaves_them_out_and_reports_them(tmp_path):
+def test_skip_bad_images_leaves_them_out_and_reports_them(tmp_path, caplog):
     bad, truncated = corrupt(tmp_path)
     data = load_dataset(folder_cfg(tmp_path, skip_bad_images=True))
     assert len(data.train) == 6 and len(data.test) == 6
-    assert skipped_images(data) == {"train": [str(bad)], "test": [str(truncated)]}
+    report_skipped_images(data)
+    assert f"left out 1 unreadable image(s) of the train split (dataset.skip_bad_images=true), e.g. {bad}" in caplog.text
+    assert f"left out 1 unreadable image(s) of the test split (dataset.skip_bad_images=true), e.g. {truncated}" in caplog.text
     assert all(path != str(bad) for path, _ in data.train.samples)
     image, label = data.train[0]  # what remains still loads
     assert image.shape == (3, 16, 16)
+
+
+def test_evaluation_needs_and_reads_only_the_val_split(tmp_path):
+    root = image_tree(tmp_path)
+    bad = root / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"not an image")  # in the split evaluation does not read
+    data = load_dataset(folder_cfg(root), train=False)
+    assert data.train is None and len(data.test) == 4 and data.classes == ["cat", "dog"]
+    with pytest.raises(UserError, match="cannot read image"):
+        load_dataset(folder_cfg(root))

@@ -19,19 +19,18 @@ from experiment.errors import UserError
 TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "best_acc1", "history", "rng", "train_totals")
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written `path`.
-
-    A failed write (a full disk, no permission) leaves `path` as it was, removes the temporary file and
-    raises a UserError."""
+def atomic_write(path, write, what="file"):
+    """Call `write(binary file)` on a temporary file beside `path`, then rename it to `path`: a crash never
+    leaves a half-written `path`. A failed write (a full disk, no permission) leaves `path` as it was,
+    removes the temporary file and raises a UserError."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,12 +38,32 @@ def save_checkpoint(state, path):
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
-        raise UserError(f"could not write checkpoint {path} ({_first_line(e)}); {kept}. Free disk space "
+        raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions, then resume from the last checkpoint") from None
     except BaseException:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+def link_checkpoint(source, path):
+    """Make `path` a second name of the checkpoint file `source`, atomically: best.pt costs no second write
+    when it is the epoch last.pt just saved. A later os.replace of `source` leaves `path` untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a file system without hard links
+        tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: f.write(Path(source).read_bytes()), what="checkpoint")
     return path
 
 
@@ -94,13 +113,15 @@ def load_checkpoint(path, map_location="cpu", training=False):
 
 
 def rng_state():
+    """This process's random state: the CPU generator and, when used, its own CUDA device's (one device per
+    process, so the state fits a machine with another number of GPUs)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

@@ -71,12 +71,12 @@ def cleanup(world):
         dist.destroy_process_group()
 
 
-def select_device(name, local_rank=0):
-    """trainer.device (auto | cpu | cuda) -> torch.device."""
+def select_device(name, local_rank=0, option="trainer.device"):
+    """auto | cpu | cuda -> torch.device; `option` names the setting in error messages."""
     if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"trainer.device={name} is not a choice; use auto, cpu or cuda")
+        raise UserError(f"{option}={name} is not a choice; use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu (or auto)")
+        raise UserError(f"{option}=cuda but no CUDA device is visible; use {option}=cpu (or auto)")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

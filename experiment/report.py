@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 METRICS = ("best_acc1", "final_acc1")
 REQUIRED_KEYS = ("model", "dataset", "seed", *METRICS)
 # A directory holding one of these but no metrics.json is a run that has not finished (yet).
-RUN_DIR_MARKERS = (".hydra", "checkpoints")
+RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
 def baseline_of(model: str) -> str | None:
@@ -56,7 +56,7 @@ def _metrics_files(path: Path) -> list[Path]:
         dirnames.sort()
         if "metrics.json" in filenames:
             found.append(Path(dirpath, "metrics.json"))
-        elif any(marker in dirnames for marker in RUN_DIR_MARKERS):
+        elif any(marker in dirnames or marker in filenames for marker in RUN_DIR_MARKERS):
             log.warning("skipping %s: no metrics.json yet (run unfinished or failed)", dirpath)
     return found
 

@@ -56,12 +56,11 @@ def check_run_dir_free(run_dir, resuming=None):
                     f"resume={run_dir / 'checkpoints' / 'last.pt'}")
 
 
-def resume_command(checkpoint, overrides):
-    """The command line that continues a run from `checkpoint` with the same overrides."""
-    kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir="))]
+def resume_command(checkpoint):
+    """The command line that continues a run from `checkpoint` (which holds the run's whole config)."""
     # train.py as it was typed, so the command works from the same directory (under a launcher such as submitit,
     # whose own script is argv[0], its absolute path); quoted, since paths may hold spaces
     script = sys.argv[0]
     if Path(script).name != "train.py":
         script = str(Path(__file__).resolve().parents[1] / "train.py")
-    return shlex.join([script, *kept, f"resume={checkpoint}"])
+    return shlex.join([script, f"resume={checkpoint}"])

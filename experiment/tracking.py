@@ -1,34 +1,14 @@
 """What a run reports: TensorBoard event files and metrics.json in the run directory, tqdm bars on a
-terminal and plain log lines elsewhere. Only rank 0 reports; the other ranks get a logger that does nothing."""
+terminal and plain log lines elsewhere. Only rank 0 reports; on the other ranks the tracker does nothing."""
 import json
-import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-log = logging.getLogger("train")
+from experiment.checkpoint import atomic_write
 
 
 def write_json(path, obj):
-    """Atomic JSON write (temp file, then rename); a failed write (disk full) leaves `path` and no temp file."""
-    from experiment.errors import UserError
-
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or fix permissions") from None
-        raise
+    """Atomic JSON write (see `experiment.checkpoint.atomic_write`)."""
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def use_progress_bars(enabled):

@@ -14,14 +14,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiment import rundir
-from experiment.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from experiment.datasets import load_dataset, skipped_images
+from experiment.checkpoint import link_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiment.complexity import count_parameters
+from experiment.datasets import load_dataset, report_skipped_images
 from experiment.distributed import all_gather_object, local_main_first, unwrap, wrap_ddp
 from experiment.engine import NonFiniteLoss, TrainTotals, evaluate, reduce_train_totals, train_one_epoch
 from experiment.errors import UserError
 from experiment.interrupt import StopRequest
 from experiment.loaders import build_loaders
-from experiment.models import build_model
+from experiment.models import build_model, check_input_fits
 from experiment.optim import build_optimizer, build_scheduler
 from experiment.resume import resumed_config
 from experiment.tracking import RunTracker, use_progress_bars, write_json
@@ -42,6 +43,9 @@ def train(cfg, overrides, world, device, run_dir):
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
+    for key in ("epochs", "eval_every", "save_every", "log_every"):
+        if not isinstance(tc[key], int) or tc[key] < 1:
+            raise UserError(f"trainer.{key}={tc[key]} must be a whole number of at least 1")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
@@ -49,9 +53,7 @@ def train(cfg, overrides, world, device, run_dir):
     # Data and model
     with local_main_first(world):
         data = load_dataset(cfg.dataset)
-    for split, paths in skipped_images(data).items():
-        log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
-                    len(paths), split, paths[0])
+    report_skipped_images(data)
     num_classes = len(data.classes)
     train_loader, test_loader = build_loaders(data, cfg.dataset, device=device, seed=cfg.seed, rank=world.rank,
                                               world_size=world.size, channels_last=cuda and tc.channels_last)
@@ -59,15 +61,17 @@ def train(cfg, overrides, world, device, run_dir):
     model = build_model(cfg.model, num_classes).to(device)
     if cuda and tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    check_input_fits(model, next(test_loader.epoch(0))[0][:1], cfg.model.name)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, tc.epochs, len(train_loader))
-    epoch, step, best_acc1, history, totals = 0, 0, None, [], None
+    epoch, step, best_acc1, history, totals, seconds_before = 0, 0, None, [], None, 0.0
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         epoch, step, best_acc1, history = resume["epoch"], resume["step"], resume["best_acc1"], resume["history"]
-        totals = TrainTotals(**resume["train_totals"]) if step else None
+        seconds_before = resume.get("train_seconds", 0.0)
+        totals = resumed_totals(resume["train_totals"], world) if step else None
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, epoch + 1, step)
     ddp_model = wrap_ddp(model, world, device, sync_bn=tc.sync_bn)
     fast_model = torch.compile(ddp_model, mode=None if tc.compile_mode == "default" else tc.compile_mode) \
@@ -85,15 +89,17 @@ def train(cfg, overrides, world, device, run_dir):
         tracker.image_grid("train/augmented_batch", x[:64], cfg.dataset.mean, cfg.dataset.std)
     hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr,
-               "params": sum(p.numel() for p in model.parameters())}
+               "params": count_parameters(model)}
     log.info("%s on %s: %d parameters, %d classes, %d training steps per epoch, %s, %d process(es)",
              cfg.model.name, cfg.dataset.name, hparams["params"], num_classes, len(train_loader), device, world.size)
 
     def checkpoint(epoch, step, totals=None):
+        """The state to continue from; on every rank, since it gathers their RNG states and running totals."""
         return {"model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": None, "epoch": epoch, "step": step,
                 "best_acc1": best_acc1, "history": history, "rng": all_gather_object(rng_state(), world),
-                "train_totals": totals.state_dict() if totals else None, "num_classes": num_classes,
+                "train_totals": all_gather_object(totals.state_dict(), world) if totals else None,
+                "train_seconds": seconds_before + time.perf_counter() - start, "num_classes": num_classes,
                 "classes": list(data.classes), "config": OmegaConf.to_container(cfg, resolve=True)}
 
     # Training
@@ -117,14 +123,14 @@ def train(cfg, overrides, world, device, run_dir):
             finally:
                 batch_bar.close()
             if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
-                state = checkpoint(epoch, step, totals)  # on every rank: it gathers their RNG states
+                state = checkpoint(epoch, step, totals)
                 if world.is_main:
                     path = save_checkpoint(state, ckpt_dir / "last.pt")
                     log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
-                                stop.signal.name, epoch + 1, step, path, rundir.resume_command(path, []))
+                                stop.signal.name, epoch + 1, step, path, rundir.resume_command(path))
                 sys.exit(stop.exit_code)
             train = reduce_train_totals(totals, device, world)
-            epoch_s, img_per_s = totals.seconds, totals.images_timed * world.size / max(totals.seconds, 1e-9)
+            epoch_s, img_per_s = totals.seconds, totals.count * world.size / max(totals.seconds, 1e-9)
             totals, step = None, 0
             last_epoch = epoch + 1 == tc.epochs
             val = None
@@ -150,15 +156,17 @@ def train(cfg, overrides, world, device, run_dir):
                 epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
             save_last = (epoch + 1) % tc.save_every == 0 or last_epoch
             if save_last or is_best:
-                state = checkpoint(epoch + 1, 0)  # on every rank: it gathers their RNG states
+                state = checkpoint(epoch + 1, 0)
                 if world.is_main and save_last:
                     save_checkpoint(state, ckpt_dir / "last.pt")
-                if world.is_main and is_best:
+                if world.is_main and is_best and save_last:  # the same state: a link, not a second write
+                    link_checkpoint(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
+                elif world.is_main and is_best:
                     save_checkpoint(state, ckpt_dir / "best.pt")
         epoch_bar.close()
 
     # Report
-    train_seconds = time.perf_counter() - start
+    train_seconds = seconds_before + time.perf_counter() - start
     if world.is_main:
         metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                    "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
@@ -172,6 +180,17 @@ def train(cfg, overrides, world, device, run_dir):
                  "  checkpoints: %s\n  tensorboard --logdir %s", best_acc1 or 0.0, metrics["final_acc1"] or 0.0,
                  train_seconds, metrics["img_per_s"], run_dir, ckpt_dir, run_dir.parent)
     tracker.close()
+
+
+def resumed_totals(saved, world):
+    """This rank's running totals of the interrupted epoch; with another number of processes than saved them,
+    rank 0 carries their sum (the epoch's loss and accuracy stay right, the data order differs anyway)."""
+    if len(saved) == world.size:
+        return TrainTotals(**saved[world.rank])
+    if not world.is_main:
+        return TrainTotals()
+    return TrainTotals(**{k: sum(s[k] for s in saved) if k != "seconds" else max(s[k] for s in saved)
+                          for k in saved[0]})
 
 
 def log_kernel_skeleton(tracker, model, name):

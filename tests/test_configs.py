@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT
 from experiment.models import build_model
-from experiment.optim import build_optimizer, build_scheduler
+from experiment.optim import build_optimizer, build_scheduler, lr_factor
 from nets import AlexNet, AlexNetAC
 
 CONFIGS = ROOT / "configs"
@@ -39,7 +39,8 @@ def test_every_optimizer_and_schedule_builds(optimizer, scheduler):
     net = build_model(cfg.model, num_classes=10)
     opt = build_optimizer(net, cfg.optimizer)
     sched = build_scheduler(opt, cfg.scheduler, epochs=2, steps_per_epoch=5)
-    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * sched.get_last_lr()[0] / cfg.optimizer.lr)
+    first = lr_factor(cfg.scheduler, 0, total_steps=10, steps_per_epoch=5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * first) and sched.last_epoch == 0
     assert opt.param_groups[1]["weight_decay"] == 0.0  # BN and bias parameters are not decayed
 
 

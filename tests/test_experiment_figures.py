@@ -71,9 +71,14 @@ def test_kernel_skeleton_figure_and_png(tmp_path):
 def test_kernel_skeleton_figure_goes_to_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with SummaryWriter(tmp_path) as writer:
         writer.add_figure("kernel_skeleton", kernel_skeleton_figure({"m": kernel_skeleton(cross_model())}))
-    assert any(tmp_path.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["images"] == ["kernel_skeleton"]
+    assert events.Images("kernel_skeleton")[0].width > 100
 
 
 def test_kernel_skeleton_figure_needs_a_layer():

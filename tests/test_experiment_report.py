@@ -56,7 +56,7 @@ def test_baseline_of():
 
 def test_load_runs_finds_nested_runs_and_notes_unfinished(sweep, caplog):
     unfinished = sweep / "2026-11-27" / "12-00-00" / "7_alexnet_seed9"
-    (unfinished / ".hydra").mkdir(parents=True)
+    (unfinished / "checkpoints").mkdir(parents=True)
     with caplog.at_level(logging.WARNING):
         runs = load_runs([sweep])
     assert len(runs) == 7

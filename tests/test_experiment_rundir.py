@@ -43,13 +43,13 @@ def test_run_dir_of_checkpoint(tmp_path):
     assert run_dir_of_checkpoint(tmp_path / "x.pt") == tmp_path.resolve()
 
 
-def test_resume_command_is_quoted_and_drops_run_dir_and_old_resume(monkeypatch):
+def test_resume_command_is_quoted(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/repo dir/train.py", "trainer.epochs=5"])
-    cmd = resume_command("/runs/my run/checkpoints/last.pt", ["trainer.epochs=5", "hydra.run.dir=/x", "resume=/old.pt"])
-    assert shlex.split(cmd) == ["/repo dir/train.py", "trainer.epochs=5", "resume=/runs/my run/checkpoints/last.pt"]
+    cmd = resume_command("/runs/my run/checkpoints/last.pt")
+    assert shlex.split(cmd) == ["/repo dir/train.py", "resume=/runs/my run/checkpoints/last.pt"]
 
 
 def test_resume_command_names_train_py_under_a_launcher(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/submitit/core/_submit.py", "/jobs"])
-    script, resume = shlex.split(resume_command("/runs/r/checkpoints/last.pt", []))
+    script, resume = shlex.split(resume_command("/runs/r/checkpoints/last.pt"))
     assert script == str(ROOT / "train.py") and resume == "resume=/runs/r/checkpoints/last.pt"

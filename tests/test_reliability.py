@@ -97,7 +97,7 @@ def check_interrupted(run_dir, sig, returncode, out, err):
     assert match and match.group(2) == str(last), out[-2000:]
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == int(match.group(1)) and 0 < ckpt["step"] < 89
-    assert ckpt["train_totals"]["count"] == 16 * ckpt["step"]
+    assert ckpt["train_totals"][0]["count"] == 16 * ckpt["step"]
     assert len(ckpt["history"]) == 1 and not (run_dir / "metrics.json").exists()
     assert temp_files(run_dir) == []
     command = re.search(r"^resume with: python (.+)$", out, re.M)
@@ -335,6 +335,8 @@ def test_batch_larger_than_the_dataset(tmp_path):
     ("trainer.device=gpu", "trainer.device=gpu is not a choice; use auto, cpu or cuda"),
     ("scheduler.name=bogus", "unknown scheduler 'bogus'"),
     ("optimizer.lr=-1", "cannot build the optimizer"),
+    ("trainer.eval_every=0", "trainer.eval_every=0 must be a whole number of at least 1"),
+    ("model.layout=imagenet", "does not fit 32x32 images"),
 ])
 def test_bad_config_values(tmp_path, override, says):
     proc = run_script("train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)

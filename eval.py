@@ -14,12 +14,11 @@ import hydra
 
 from experiment.checkpoint import load_checkpoint
 from experiment.deploy import exact_float32
-from experiment.datasets import dataset_config, load_dataset, report_skipped_images
 from experiment.distributed import World, select_device
 from experiment.engine import evaluate
 from experiment.errors import UserError, exit_on_user_error
 from experiment.figures import save_confusion_matrix
-from experiment.loaders import build_test_loader
+from experiment.loaders import checkpoint_test_loader
 from experiment.models import model_from_checkpoint
 from experiment.tracking import write_json
 
@@ -31,23 +30,16 @@ log = logging.getLogger("eval")
 def main(cfg):
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
-    data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
-    data = load_dataset(data_cfg, train=False)
-    report_skipped_images(data)
-    if len(data.classes) != ckpt["num_classes"]:
-        raise UserError(f"{cfg.ckpt} predicts {ckpt['num_classes']} classes but dataset {data_cfg.name} has "
-                        f"{len(data.classes)}; evaluate it on the dataset it was trained on")
-    loader = build_test_loader(data, data_cfg, device=device)
+    data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
 
     def run(checkpoint, path, amp):
-        return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(data.classes),
+        return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(classes),
                         device=device, world=World(), amp=amp, return_predictions=True)
 
     # With compare=, both models run in exact float32 (no bf16, no TF32): a fusion must change no prediction.
     precise = exact_float32 if cfg.compare else contextlib.nullcontext
     with precise():
         result = run(ckpt, cfg.ckpt, cfg.amp and not cfg.compare)
-    classes = list(data.classes)
     per_class = result["confusion"].diag().double() / result["confusion"].sum(1).clamp(min=1)
     report = {"checkpoint": str(cfg.ckpt), "model": ckpt["config"]["model"]["name"], "dataset": data_cfg.name,
               "acc1": result["acc1"], "acc5": result["acc5"], "loss": result["loss"],

@@ -14,11 +14,10 @@ import torch
 
 from experiment.checkpoint import load_checkpoint, save_checkpoint
 from experiment.complexity import count_macs, count_parameters
-from experiment.datasets import dataset_config, load_dataset
 from experiment.deploy import deploy_checkpoint, export_onnx, is_deploy, logit_difference, onnx_logit_difference
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
-from experiment.loaders import build_test_loader
+from experiment.loaders import checkpoint_test_loader
 from experiment.models import model_from_checkpoint
 from nets import fuse_model
 
@@ -39,8 +38,8 @@ def main(cfg):
     fused = fuse_model(model)
 
     # The proof: random input, then a real test batch, in float32.
-    data_cfg = dataset_config(ckpt["config"]["dataset"], cfg.dataset)
-    real, _ = next(build_test_loader(load_dataset(data_cfg, train=False), data_cfg, device=device).epoch(0))
+    _, _, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
+    real, _ = next(loader.epoch(0))
     real = real[:cfg.check_batch]
     noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     checks = {"random input": logit_difference(model, fused, noise), "test batch": logit_difference(model, fused, real)}
@@ -52,7 +51,8 @@ def main(cfg):
         log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
                  name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
     if any(c["max_abs"] > cfg.tolerance for c in checks.values()):
-        onnx_path and onnx_path.unlink(missing_ok=True)
+        if onnx_path:
+            onnx_path.unlink(missing_ok=True)
         log.error("fusion is NOT exact: a logit differs by more than tolerance=%.1e; nothing written", cfg.tolerance)
         sys.exit(1)
 

@@ -38,37 +38,44 @@ def _check_batch(batch_size, world_size, num_samples, what):
                         f"set dataset.batch_size={min(num_samples, 128)} or smaller")
 
 
-class DeviceLoader:
+class _ShardedLoader:
+    """What both loaders share: the global batch, this rank's share of it, and the normalisation."""
+
+    def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed, rank, world_size, channels_last):
+        if train:
+            _check_batch(batch_size, world_size, num_samples, "dataset.batch_size")
+        self.train, self.batch_size, self.seed, self.num_samples = train, batch_size, seed, num_samples
+        self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+
+    def __len__(self):
+        if self.train:
+            return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
+        return -(-len(self.eval_indices()) // self.batch_size)
+
+    def eval_indices(self):
+        """This rank's test samples: every world_size-th, so each is evaluated exactly once over all ranks."""
+        return range(self.rank, self.num_samples, self.world_size)
+
+
+class DeviceLoader(_ShardedLoader):
     def __init__(self, images, labels, batch_size, *, train, mean, std, device, crop_padding=4, hflip=True,
                  seed=0, rank=0, world_size=1, channels_last=False):
-        if train:
-            _check_batch(batch_size, world_size, len(labels), "dataset.batch_size")
-        self.train, self.batch_size, self.seed = train, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-        self.channels_last = channels_last
+        super().__init__(len(labels), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
         self.crop_padding = crop_padding if train else 0
         self.hflip = hflip and train
-        self.num_samples = len(labels)
         p = self.crop_padding
         # Pad once, crop per batch: a crop is then a gather, with no padding work per step.
         self.images = F.pad(images, (p, p, p, p)).to(device) if p else images.to(device)
         self.labels = labels.to(device)
         self.height, self.width = images.shape[-2:]
 
-    def __len__(self):
-        if self.train:
-            return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
-        return -(-len(self._eval_indices()) // self.batch_size)
-
-    def _eval_indices(self):
-        return torch.arange(self.rank, self.num_samples, self.world_size)
-
     def epoch(self, epoch, start_step=0):
         """Yield (images float32 normalised, labels) for one epoch, starting at `start_step`."""
         device = self.labels.device
         if not self.train:
-            idx = self._eval_indices().to(device)
+            idx = torch.tensor(self.eval_indices(), device=device)
             for i in range(start_step * self.batch_size, len(idx), self.batch_size):
                 j = idx[i:i + self.batch_size]
                 yield normalize(self.images[j], self.mean, self.std, self.channels_last), self.labels[j]
@@ -105,33 +112,24 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         ld = self.loader
         if not ld.train:
-            return iter(range(ld.rank, ld.num_samples, ld.world_size))
+            return iter(ld.eval_indices())
         order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
         local = ld.batch_size // ld.world_size
         starts = (step * ld.batch_size + ld.rank * local for step in range(self.start_step, len(ld)))
         return iter([i for start in starts for i in order[start:start + local]])
 
 
-class FolderLoader:
+class FolderLoader(_ShardedLoader):
     def __init__(self, dataset, batch_size, *, train, mean, std, device, num_workers=8, seed=0, rank=0,
                  world_size=1, channels_last=False):
-        if train:
-            _check_batch(batch_size, world_size, len(dataset), "dataset.batch_size")
-        self.train, self.batch_size, self.seed = train, batch_size, seed
-        self.rank, self.world_size, self.num_samples = rank, world_size, len(dataset)
-        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-        self.channels_last, self.device = channels_last, device
+        super().__init__(len(dataset), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
         self.sampler = _EpochSampler(self)
         local = batch_size // world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
             generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
-
-    def __len__(self):
-        if self.train:
-            return self.num_samples // self.batch_size
-        return -(-len(range(self.rank, self.num_samples, self.world_size)) // self.batch_size)
 
     def epoch(self, epoch, start_step=0):
         self.sampler.epoch, self.sampler.start_step = epoch, start_step if self.train else 0
@@ -144,8 +142,7 @@ def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_las
     """(train loader, test loader) for what `experiment.datasets.load_dataset` returned."""
     from experiment.datasets import TensorData
 
-    common = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), device=device, rank=rank, world_size=world_size,
-                  channels_last=channels_last)
+    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if isinstance(data, TensorData):
         train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True, seed=seed,
                              crop_padding=cfg.crop_padding, hflip=cfg.hflip, **common)
@@ -160,8 +157,26 @@ def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=
     """The test split (this rank's share of it), normalised like the training data."""
     from experiment.datasets import TensorData
 
-    common = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), device=device, rank=rank, world_size=world_size,
-                  channels_last=channels_last)
+    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if isinstance(data, TensorData):
         return DeviceLoader(data.test_images, data.test_labels, cfg.eval_batch_size, train=False, **common)
     return FolderLoader(data.test, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)
+
+
+def checkpoint_test_loader(ckpt, path, overrides, *, device):
+    """The test split of the dataset a checkpoint was trained on, with the non-null dataset `overrides` of
+    eval.py/fuse.py on top: (dataset config, class names, loader)."""
+    from experiment.datasets import dataset_config, load_dataset, report_skipped_images
+    from experiment.errors import UserError
+
+    cfg = dataset_config(ckpt["config"]["dataset"], overrides)
+    data = load_dataset(cfg, train=False)
+    report_skipped_images(data)
+    if len(data.classes) != ckpt["num_classes"]:
+        raise UserError(f"{path} predicts {ckpt['num_classes']} classes but dataset {cfg.name} has "
+                        f"{len(data.classes)}; use it on the dataset it was trained on")
+    return cfg, list(data.classes), build_test_loader(data, cfg, device=device)
+
+
+def _loader_options(cfg, **placement):
+    return dict(mean=tuple(cfg.mean), std=tuple(cfg.std), **placement)

@@ -88,28 +88,36 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return skeletons
 
 
-def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]]) -> Figure:
+def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], layers_per_row: int | None = None) -> Figure:
     """One row per model label, one heat map per layer, one colour scale 0..1 for all of them.
 
+    With ``layers_per_row`` each model's layers wrap onto rows of that many, at a larger type size: a
+    compact figure whose labels stay readable when TensorBoard shrinks it to its card width.
     The returned Figure can be saved or passed to TensorBoard's ``SummaryWriter.add_figure``.
     """
-    rows = len(skeletons)
-    cols = max((len(layers) for layers in skeletons.values()), default=0)
-    if rows == 0 or cols == 0:
+    layers = max((len(layers) for layers in skeletons.values()), default=0)
+    if not skeletons or layers == 0:
         raise ValueError("no kernel skeletons to draw: pass at least one model with a square KxK conv (K > 1)")
-    fig = _new_figure(figsize=(1.8 * cols + 1.2, 1.9 * rows), layout="constrained")
+    cols = min(layers, layers_per_row or layers)
+    rows_per_model = math.ceil(layers / cols)
+    rows = len(skeletons) * rows_per_model
+    font = 8 if layers_per_row is None else 11
+    fig = _new_figure(figsize=(1.8 * cols + 1.2, 1.9 * rows), dpi=100, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for row, (label, layers) in zip(axes, skeletons.items()):
-        for ax, (layer, skeleton) in zip(row, layers):
+    for index, (label, model_layers) in enumerate(skeletons.items()):
+        model_axes = axes[index * rows_per_model:(index + 1) * rows_per_model].flat
+        for ax, (layer, skeleton) in zip(model_axes, model_layers):
             image = ax.imshow(np.asarray(skeleton), cmap="magma", vmin=0.0, vmax=1.0)
-            ax.set_title(layer, fontsize=8)
+            ax.set_title(layer, fontsize=font)
             ax.set_axis_on()
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(label, fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="mean |w|, layer max = 1")
+        axes[index * rows_per_model, 0].set_ylabel(label, fontsize=font + 1)
+    colorbar = fig.colorbar(image, ax=axes, shrink=0.8)
+    colorbar.ax.tick_params(labelsize=font)
+    colorbar.set_label("mean |w|, layer max = 1", fontsize=font)
     return fig
 
 

@@ -4,7 +4,8 @@
 
 PATH is a run directory or a sweep directory (searched recursively for metrics.json). Writes
 report.md, report.csv and val_acc1_curves.png into DIR (default: the first PATH) and prints the
-Markdown. Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel
+Markdown; DIR/tensorboard/<dataset>/<model>/ gets TensorBoard runs with the mean over seeds per epoch and
+the paired AC − baseline difference, each with its 95% band (see `write_tensorboard`). Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel
 skeleton of each model after fusion (of its lowest seed), baseline and AC side by side.
 """
 from __future__ import annotations
@@ -231,7 +232,7 @@ def write_csv(summary: list[dict], pairs: list[dict], path) -> Path:
 
 
 def write_report(runs: list[dict], out) -> str:
-    """Write report.md, report.csv and val_acc1_curves.png into ``out``; return the Markdown."""
+    """Write report.md, report.csv, val_acc1_curves.png and the TensorBoard runs into ``out``; return the Markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary, pairs = summarize(runs), paired_differences(runs)
@@ -240,6 +241,7 @@ def write_report(runs: list[dict], out) -> str:
     write_csv(summary, pairs, out / "report.csv")
     save_curves(runs, out / "val_acc1_curves.png")
     save_skeletons(runs, out)
+    write_tensorboard(runs, out)
     return markdown
 
 
@@ -264,6 +266,77 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
     return written
 
 
+TENSORBOARD_DIR = "tensorboard"
+# Per-epoch series of the runs' histories that the sweep's TensorBoard runs average over seeds.
+CURVES = ("val_acc1", "val_loss")
+MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
+
+
+def _mean_band(values) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval (low, high); with one value the band has no width."""
+    mean, sd = _mean_std(values)
+    half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def _per_epoch(runs, curve) -> dict[int, dict[int, float]]:
+    """epoch -> seed -> value of ``curve`` in the runs' metrics.json histories (``runs``: seed -> run)."""
+    table = defaultdict(dict)
+    for seed, run in runs.items():
+        for record in run.get("history", []):
+            if record.get(curve) is not None:
+                table[record["epoch"]][seed] = record[curve]
+    return table
+
+
+def sweep_series(runs: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[int, float, float, float]]]]:
+    """(dataset, model) -> tag -> [(epoch, mean, low, high)]: per epoch the mean over seeds of each of
+    `CURVES` (tag ``mean_over_seeds/<curve>``) and, for an AC model whose baseline ran, the paired
+    difference AC − baseline over the seeds both have at that epoch (tag ``ac_minus_baseline/<curve>``)."""
+    series = {}
+    for dataset, models in sorted(_by_group(runs).items()):
+        for model in sorted(models, key=_model_order):
+            tags = {}
+            for curve in CURVES:
+                own = _per_epoch(models[model], curve)
+                tags[f"{MEAN_GROUP}/{curve}"] = [(e, *_mean_band(list(own[e].values()))) for e in sorted(own)]
+                if baseline_of(model) in models:
+                    base = _per_epoch(models[baseline_of(model)], curve)
+                    diffs = {e: [own[e][s] - base[e][s] for s in sorted(own[e].keys() & base[e].keys())]
+                             for e in sorted(own.keys() & base.keys())}
+                    tags[f"{DIFF_GROUP}/{curve}"] = [(e, *_mean_band(d)) for e, d in diffs.items() if d]
+            series[(dataset, model)] = {tag: points for tag, points in tags.items() if points}
+    return series
+
+
+def tensorboard_layout() -> dict:
+    """Custom-scalars layout: one margin chart (mean and 95% band) per tag of `sweep_series`; each
+    (dataset, model) of the sweep is one TensorBoard run, so the arms share a chart."""
+    return {"AC vs baseline: mean over seeds, 95% t band": {
+        f"{group}/{curve}": ["Margin", [f"{group}/{curve}", f"{group}/{curve}_low", f"{group}/{curve}_high"]]
+        for group in (MEAN_GROUP, DIFF_GROUP) for curve in CURVES}}
+
+
+def write_tensorboard(runs: list[dict], out) -> Path:
+    """TensorBoard runs ``out/tensorboard/<dataset>/<model>`` with `sweep_series` and, in the first of them,
+    `tensorboard_layout`; event files of an earlier report there are replaced. Returns out/tensorboard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = Path(out) / TENSORBOARD_DIR
+    for old in root.glob("*/*/events.out.tfevents.*"):
+        old.unlink()
+    for index, ((dataset, model), tags) in enumerate(sweep_series(runs).items()):
+        with SummaryWriter(log_dir=str(root / dataset / model)) as writer:
+            if index == 0:
+                writer.add_custom_scalars(tensorboard_layout())
+            for tag, points in tags.items():
+                for epoch, mean, low, high in points:
+                    writer.add_scalar(tag, mean, epoch)
+                    writer.add_scalar(f"{tag}_low", low, epoch)
+                    writer.add_scalar(f"{tag}_high", high, epoch)
+    return root
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiment.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories or sweep directories")
@@ -279,7 +352,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown, end="")
-    print(f"note: wrote report.md, report.csv, val_acc1_curves.png and any kernel_skeleton_*.png to {out}",
+    print(f"note: wrote report.md, report.csv, val_acc1_curves.png, any kernel_skeleton_*.png and the "
+          f"mean-over-seeds TensorBoard runs ({TENSORBOARD_DIR}/) to {out}; view: tensorboard --logdir {out}",
           file=sys.stderr)
     return 0
 

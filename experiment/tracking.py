@@ -1,5 +1,6 @@
 """What a run reports: TensorBoard event files and metrics.json in the run directory, tqdm bars on a
 terminal and plain log lines elsewhere. Only rank 0 reports; on the other ranks the tracker does nothing."""
+import hashlib
 import json
 import sys
 
@@ -9,6 +10,22 @@ from experiment.checkpoint import atomic_write
 def write_json(path, obj):
     """Atomic JSON write (see `experiment.checkpoint.atomic_write`)."""
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+# The final metrics shown in the HPARAMS tab, when a run's metrics.json has them.
+FINAL_METRICS = ("best_acc1", "final_acc1", "test_acc1")
+# Their scalar tags' group: after train/ and val/ in the Time Series tab, which sorts groups by name.
+FINAL_METRICS_GROUP = "whole_run"
+# The hparams a comparison varies: TensorBoard shows the first five hparams, those marked as differing first.
+VARIED_HPARAMS = ("model", "seed")
+
+
+def session_group(config):
+    """The HParams session group of a run: its model and dataset, and a hash of its resolved config (a dict)
+    without the seed and the resume path, so that exactly the seeds of one arm of one recipe share it."""
+    recipe = {k: v for k, v in config.items() if k not in ("seed", "resume")}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{config['model']['name']}_{config['dataset']['name']}_{digest}"
 
 
 def use_progress_bars(enabled):
@@ -45,19 +62,50 @@ class RunTracker:
         if self.writer:
             self.writer.add_figure(tag, fig, step)
 
-    def hparams(self, hparams, metrics):
-        """Hyper-parameters and final metrics, written into this run's own event file (TensorBoard's HPARAMS tab)."""
-        if self.writer:
-            from torch.utils.tensorboard.summary import hparams as hparams_summary
+    def hparams(self, hparams, metrics, group, step=0):
+        """Hyper-parameters and final metrics for TensorBoard's HPARAMS tab, in this run's own event file.
 
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            experiment, session_start, session_end = hparams_summary(hparams, metrics)
+        ``group`` names the session group: runs that share it (the seeds of one arm) are one row of the
+        tab, their metrics averaged. The tab reads a metric's value from the scalar of the same tag in the
+        session's run, so the final metrics in ``metrics`` (`FINAL_METRICS`, those present) are also written
+        as one-point scalars at ``step``, under `FINAL_METRICS_GROUP`; nothing else is written as a scalar.
+        """
+        if self.writer:
+            from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2, summary_v2
+
+            values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            final = {f"{FINAL_METRICS_GROUP}/{name}": float(metrics[name]) for name in FINAL_METRICS
+                     if metrics.get(name) is not None}
+            experiment = api_pb2.Experiment(
+                hparam_infos=[api_pb2.HParamInfo(name=name, type=_hparam_type(value), differs=name in VARIED_HPARAMS)
+                              for name, value in values.items()],
+                metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in final])
             file_writer = self.writer._get_file_writer()
-            for summary in (experiment, session_start, session_end):
-                file_writer.add_summary(summary)
-            for tag, value in metrics.items():
-                self.writer.add_scalar(tag, value)
+            file_writer.add_summary(_hparams_plugin_summary("experiment", experiment))
+            file_writer.add_summary(summary_v2.hparams_pb(values, trial_id=group))
+            file_writer.add_summary(_hparams_plugin_summary(
+                "session_end_info", plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)))
+            for tag, value in final.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
 
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+def _hparam_type(value):
+    from tensorboard.plugins.hparams import api_pb2
+
+    return (api_pb2.DATA_TYPE_BOOL if isinstance(value, bool) else api_pb2.DATA_TYPE_STRING if isinstance(value, str)
+            else api_pb2.DATA_TYPE_FLOAT64)
+
+
+def _hparams_plugin_summary(kind, message):
+    """A Summary holding one HParams plugin message (``kind``: experiment or session_end_info)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    tag = {"experiment": metadata.EXPERIMENT_TAG, "session_end_info": metadata.SESSION_END_INFO_TAG}[kind]
+    data = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(**{kind: message}))
+    return Summary(value=[Summary.Value(tag=tag, metadata=data, tensor=metadata.NULL_TENSOR)])

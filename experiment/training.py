@@ -25,7 +25,7 @@ from experiment.loaders import build_loaders
 from experiment.models import build_model, check_input_fits
 from experiment.optim import build_optimizer, build_scheduler
 from experiment.resume import resumed_config
-from experiment.tracking import RunTracker, use_progress_bars, write_json
+from experiment.tracking import RunTracker, session_group, use_progress_bars, write_json
 
 log = logging.getLogger("train")
 
@@ -86,7 +86,7 @@ def train(cfg, overrides, world, device, run_dir):
     bars = use_progress_bars(tc.progress) and world.is_main
     if world.is_main and epoch == 0 and step == 0:
         x, _ = next(train_loader.epoch(0))
-        tracker.image_grid("train/augmented_batch", x[:64], cfg.dataset.mean, cfg.dataset.std)
+        tracker.image_grid("images/augmented_batch", x[:64], cfg.dataset.mean, cfg.dataset.std)
     hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr,
                "params": count_parameters(model)}
@@ -173,8 +173,7 @@ def train(cfg, overrides, world, device, run_dir):
                    "train_seconds": train_seconds,
                    "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1), "history": history}
         write_json(run_dir / "metrics.json", metrics)
-        tracker.hparams(hparams, {"hparam/best_acc1": best_acc1 or 0.0,
-                                  "hparam/final_acc1": metrics["final_acc1"] or 0.0})
+        tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
         log_kernel_skeleton(tracker, unwrap(ddp_model), cfg.model.name)
         log.info("done: best top-1 %.2f%%, final top-1 %.2f%%, %.0fs, %.0f img/s\n  run directory: %s\n"
                  "  checkpoints: %s\n  tensorboard --logdir %s", best_acc1 or 0.0, metrics["final_acc1"] or 0.0,
@@ -198,4 +197,5 @@ def log_kernel_skeleton(tracker, model, name):
     from experiment.figures import kernel_skeleton, kernel_skeleton_figure
     from nets import fuse_model
 
-    tracker.figure("kernel_skeleton", kernel_skeleton_figure({f"{name} (fused)": kernel_skeleton(fuse_model(model))}))
+    tracker.figure("images/kernel_skeleton", kernel_skeleton_figure(
+        {f"{name} (fused)": kernel_skeleton(fuse_model(model))}, layers_per_row=3))

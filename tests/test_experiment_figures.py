@@ -96,3 +96,15 @@ def test_confusion_matrix_png(tmp_path):
 def test_confusion_matrix_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 3\)"):
         save_confusion_matrix([[1, 0], [0, 1]], ["a", "b", "c"], tmp_path / "cm.png")
+
+
+def test_kernel_skeleton_figure_wraps_layers_for_a_tensorboard_card():
+    layers = kernel_skeleton(cross_model()) * 3  # 6 layers
+    wide = kernel_skeleton_figure({"m": layers})
+    card = kernel_skeleton_figure({"m": layers}, layers_per_row=3)
+    drawn = [ax for ax in card.axes if ax.images]
+    assert [ax.get_title() for ax in drawn] == ["0", "4"] * 3
+    assert len({round(ax.get_position().y0, 3) for ax in drawn}) == 2  # two rows of three
+    width, height = card.get_size_inches()
+    assert width < wide.get_size_inches()[0] / 1.5 and width / height < 2.5
+    assert drawn[0].title.get_fontsize() > [ax for ax in wide.axes if ax.images][0].title.get_fontsize()

@@ -3,12 +3,14 @@ import csv
 import json
 import logging
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from scipy import stats
 
 from experiment.report import (baseline_of, load_runs, main, paired_differences, render_markdown, summarize,
                                verdict, write_report)
@@ -210,3 +212,105 @@ def test_report_draws_the_kernel_skeleton_of_runs_with_checkpoints(trained_runs,
     assert "alexnet_ac" in markdown
     with Image.open(tmp_path / "kernel_skeleton_digits.png") as im:
         assert im.format == "PNG" and im.size[1] > 400  # two rows (one row is ~250 px): baseline and AC
+
+
+def scalar_series(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def history_table(root, model, curve):
+    """epoch -> seed -> value, straight from the metrics.json files of ``model``'s runs."""
+    table = {}
+    for file in Path(root).rglob("metrics.json"):
+        run = json.loads(file.read_text())
+        if run["model"] == model:
+            for record in run["history"]:
+                table.setdefault(record["epoch"], {})[run["seed"]] = record[curve]
+    return table
+
+
+def test_tensorboard_mean_over_seeds_equals_the_histories_mean(sweep, tmp_path):
+    write_report(load_runs([sweep]), tmp_path)
+    for model, n in (("alexnet", 3), ("alexnet_ac", 4)):
+        for curve in ("val_acc1", "val_loss"):
+            table = history_table(sweep, model, curve)
+            run_dir = tmp_path / "tensorboard" / "cifar10" / model
+            mean = scalar_series(run_dir, f"mean_over_seeds/{curve}")
+            low, high = (scalar_series(run_dir, f"mean_over_seeds/{curve}_{side}") for side in ("low", "high"))
+            assert sorted(mean) == [1, 2, 3]
+            for epoch, by_seed in table.items():
+                values = list(by_seed.values())
+                assert len(values) == n
+                sd = statistics.stdev(values)
+                half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+                # Event files store float32.
+                assert mean[epoch] == pytest.approx(statistics.mean(values), rel=1e-6)
+                assert (low[epoch], high[epoch]) == pytest.approx((statistics.mean(values) - half,
+                                                                   statistics.mean(values) + half), rel=1e-6)
+    band = [scalar_series(tmp_path / "tensorboard/cifar10/alexnet", f"mean_over_seeds/val_acc1_{side}")[1]
+            for side in ("low", "high")]
+    assert band[1] - band[0] > 0.5  # the seeds' spread shows as a band
+
+
+def test_tensorboard_paired_difference_per_epoch(sweep, tmp_path):
+    write_report(load_runs([sweep]), tmp_path)
+    ac, base = history_table(sweep, "alexnet_ac", "val_acc1"), history_table(sweep, "alexnet", "val_acc1")
+    diff = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1")
+    low = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1_low")
+    high = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1_high")
+    for epoch in (1, 2, 3):
+        pairs = [ac[epoch][s] - base[epoch][s] for s in (0, 1, 2)]  # seed 7 has no baseline run
+        half = T975_DF2 * statistics.stdev(pairs) / math.sqrt(3)
+        assert diff[epoch] == pytest.approx(statistics.mean(pairs), rel=1e-6)
+        assert (low[epoch], high[epoch]) == pytest.approx((statistics.mean(pairs) - half,
+                                                           statistics.mean(pairs) + half), rel=1e-6)
+    # AC finals are 0.9, 1.1, 1.0 above the baseline's: the 3-seed paired mean is +1.0 at every epoch.
+    assert diff[3] == pytest.approx(1.0, rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    baseline = EventAccumulator(str(tmp_path / "tensorboard/cifar10/alexnet"))
+    baseline.Reload()
+    assert not any(tag.startswith("ac_minus_baseline/") for tag in baseline.Tags()["scalars"])
+
+
+def test_tensorboard_layout_charts_tags_that_exist(sweep, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    write_report(load_runs([sweep]), tmp_path)
+    tags, layouts = set(), []
+    for run_dir in sorted((tmp_path / "tensorboard").glob("*/*")):
+        events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+        if "custom_scalars__config__" in events.Tags()["tensors"]:  # the tag TensorBoard's plugin reads
+            layouts += [layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+                        for event in events.Tensors("custom_scalars__config__")]
+    assert len(layouts) == 1  # TensorBoard appends the charts of every layout it finds: one, not one per run
+    charts = [chart for category in layouts[0].category for chart in category.chart]
+    assert len(charts) == 4
+    for chart in charts:
+        series = chart.margin.series
+        assert len(series) == 1
+        assert {series[0].value, series[0].lower, series[0].upper} <= tags
+
+
+def test_tensorboard_rerun_replaces_its_event_files(sweep, tmp_path):
+    write_report(load_runs([sweep]), tmp_path)
+    write_report(load_runs([sweep]), tmp_path)
+    for model in ("alexnet", "alexnet_ac"):
+        assert len(list((tmp_path / "tensorboard/cifar10" / model).glob("events.out.tfevents.*"))) == 1
+    assert len(scalar_series(tmp_path / "tensorboard/cifar10/alexnet", "mean_over_seeds/val_acc1")) == 3
+
+
+def test_tensorboard_single_seed_has_a_band_of_no_width(tmp_path):
+    write_run(tmp_path / "sweep", "0_alexnet_seed0", "alexnet", 0, 90.0)
+    write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
+    run_dir = tmp_path / "out/tensorboard/cifar10/alexnet"
+    assert scalar_series(run_dir, "mean_over_seeds/val_acc1_low") == scalar_series(run_dir, "mean_over_seeds/val_acc1") \
+        == scalar_series(run_dir, "mean_over_seeds/val_acc1_high") == {1: 87.5, 2: 88.5, 3: 89.5}
+    assert not (tmp_path / "out/tensorboard/cifar10/alexnet_ac").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 
 from conftest import ROOT, TINY, read_metrics, run_script
 
@@ -45,12 +46,16 @@ def test_tensorboard_tags_and_hparams_live_in_the_run_directory(trained_runs):
     for tag in ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "perf/img_per_s", "perf/epoch_s"):
         assert tag in tags["scalars"], tag
         assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
-    assert {"train/augmented_batch", "kernel_skeleton"} <= set(tags["images"])
+    assert set(tags["images"]) == {"images/augmented_batch", "images/kernel_skeleton"}
+    assert [e.step for e in events.Scalars("whole_run/best_acc1")] == [3]
+    assert not any(tag.startswith("hparam/") for tag in tags["scalars"])
     assert [p for p in run.iterdir() if p.is_dir()] == [run / "checkpoints"]  # no side folder for hparams
     hparams = EventAccumulator(str(run), size_guidance={"tensors": 0})
     hparams.Reload()
     plugin = hparams.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugin
+    start = metadata.parse_session_start_info_plugin_data(plugin[metadata.SESSION_START_INFO_TAG])
+    assert start.group_name.startswith("alexnet_digits_")
 
 
 def test_same_seed_gives_identical_metrics_and_resume_continues_exactly(tmp_path):

@@ -16,8 +16,9 @@ def write_json(path, obj):
 FINAL_METRICS = ("best_acc1", "final_acc1", "test_acc1")
 # Their scalar tags' group: after train/ and val/ in the Time Series tab, which sorts groups by name.
 FINAL_METRICS_GROUP = "whole_run"
-# The hparams a comparison varies: TensorBoard shows the first five hparams, those marked as differing first.
-VARIED_HPARAMS = ("model", "seed")
+# The hparams a comparison varies (params with the model): TensorBoard shows the first five hparams, those
+# marked as differing first.
+VARIED_HPARAMS = ("model", "params", "seed")
 
 
 def session_group(config):

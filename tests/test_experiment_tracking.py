@@ -47,7 +47,7 @@ def test_hparams_session_group_and_final_metrics(tmp_path, with_test):
     experiment = metadata.parse_experiment_plugin_data(plugin[metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment.metric_infos] == list(expected)
     # TensorBoard shows five hparams, the differing ones first: model and seed must be among them.
-    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model", "seed"}
+    assert {h.name for h in experiment.hparam_infos if h.differs} == {"model", "params", "seed"}
     # The HPARAMS tab reads each metric's value from the scalar of that tag in the run; there is no other scalar.
     assert sorted(events.Tags()["scalars"]) == sorted(expected)
     for tag, value in expected.items():

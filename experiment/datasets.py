@@ -3,6 +3,7 @@
 Every failure a user can cause (no network, a missing root, a broken folder layout, an unreadable image)
 becomes a UserError that says what to do.
 """
+import copy
 import logging
 import os
 import urllib.error
@@ -29,6 +30,12 @@ class TensorData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list
+    val_images: torch.Tensor | None = None  # held out of the training images by dataset.val_split
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def has_val(self):
+        return self.val_labels is not None
 
 
 @dataclass
@@ -38,16 +45,62 @@ class FolderData:
     train: object  # torchvision.datasets.ImageFolder
     test: object
     classes: list
+    val: object = None  # held out of train/ by dataset.val_split, read with the test transform
+
+    @property
+    def has_val(self):
+        return self.val is not None
 
 
 def load_dataset(cfg, train=True):
     """Load the dataset a `dataset/` config describes; `train=False` (evaluation) spares an image folder's
-    training split its listing and scan."""
+    training split its listing and scan. With `dataset.val_split` > 0 (and `train`), that fraction of the
+    training images becomes the validation split (see `holdout_split`)."""
     loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
                "folder": _load_folder}
     if cfg.name not in loaders:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
-    return _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
+    data = _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
+    fraction = cfg.get("val_split") or 0
+    return _hold_out(data, fraction) if train and fraction else data
+
+
+def holdout_split(labels, fraction):
+    """(train indices, validation indices): `fraction` of each class's images held out. The draw depends on the
+    labels alone, not on the run's seed, so every seed and both models hold out the very same images."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise UserError(f"dataset.val_split={fraction} must be a fraction of the training images in [0, 1), "
+                        f"e.g. 0.1; 0 selects on the test split as the published code does")
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(0)
+    held = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=generator)[:round(fraction * len(members))]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    if not len(held) or labels[keep].unique().numel() < labels.unique().numel():
+        raise UserError(f"dataset.val_split={fraction} holds out {len(held)} of {len(labels)} training images "
+                        f"and leaves some class without training images; choose a fraction such as 0.1-0.2")
+    return keep.nonzero().flatten(), held
+
+
+def _hold_out(data, fraction):
+    if isinstance(data, TensorData):
+        train, val = holdout_split(data.train_labels, fraction)
+        return TensorData(data.train_images[train], data.train_labels[train], data.test_images, data.test_labels,
+                          data.classes, val_images=data.train_images[val], val_labels=data.train_labels[val])
+    train_idx, val_idx = holdout_split(data.train.targets, fraction)
+    train, val = data.train, copy.copy(data.train)  # one ImageFolder listing, two views of it
+    samples = train.samples
+    train.samples = [samples[i] for i in train_idx.tolist()]
+    val.samples = [samples[i] for i in val_idx.tolist()]
+    for split in (train, val):
+        split.targets = [t for _, t in split.samples]
+        split.imgs = split.samples
+    val.transform = data.test.transform  # validation images are scored like test images: no augmentation
+    return FolderData(train, data.test, data.classes, val=val)
 
 
 def _load_cifar(cfg):

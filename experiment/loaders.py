@@ -153,14 +153,17 @@ def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_las
                                      channels_last=channels_last)
 
 
-def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False):
-    """The test split (this rank's share of it), normalised like the training data."""
+def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False, split="test"):
+    """The test split, or with `split="val"` the held-out validation split (this rank's share of it),
+    normalised like the training data."""
     from experiment.datasets import TensorData
 
     common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if isinstance(data, TensorData):
-        return DeviceLoader(data.test_images, data.test_labels, cfg.eval_batch_size, train=False, **common)
-    return FolderLoader(data.test, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
+    return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
+                        **common)
 
 
 def checkpoint_test_loader(ckpt, path, overrides, *, device):

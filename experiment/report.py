@@ -34,11 +34,12 @@ RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
 def baseline_of(model: str) -> str | None:
-    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet'); None for others."""
-    head, marker, tail = model.partition("alexnet_ac")
-    if head or not marker or tail[:1] not in ("", "_"):
+    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
+    None for others."""
+    head, marker, tail = model.partition("_ac")
+    if not head or not marker or tail[:1] not in ("", "_"):
         return None
-    return "alexnet" + tail
+    return head + tail
 
 
 def _model_order(model: str) -> tuple[str, bool]:

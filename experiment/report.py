@@ -260,7 +260,7 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
                 path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
                 fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
                 skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
-        if skeletons:
+        if any(skeletons.values()):  # none for networks without square KxK convs (K > 1)
             written.append(save_kernel_skeleton(skeletons, Path(out) / f"kernel_skeleton_{dataset}.png"))
     return written
 

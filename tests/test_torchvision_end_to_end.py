@@ -9,7 +9,7 @@ from conftest import run_script
 from experiment.report import main as report_main
 
 
-@pytest.mark.slow  # about 2 minutes on two CPU cores
+@pytest.mark.slow  # about 2-4 minutes on two shared CPU cores
 def test_resnet18_baseline_and_ac_train_fuse_compare_and_pair_in_the_report(tmp_path):
     sweep = tmp_path / "sweep"
     run_script("train.py", "-m", "model=torchvision", "model.arch=resnet18", "model.ac=false,true", "dataset=digits",

@@ -1,4 +1,4 @@
-"""Fold a trained AlexNet or AlexNetAC into the plain deploy AlexNet and prove nothing changed:
+"""Fold a trained model (AlexNet, AlexNetAC, or an acified torchvision model) into its deploy form and prove nothing changed:
 `python fuse.py ckpt=outputs/.../checkpoints/best.pt [out=PATH] [onnx=true]`; options in configs/fuse.yaml.
 
 Exit status: 0 when the fused model's logits match within `tolerance` (and the ONNX file's too), 1 when not

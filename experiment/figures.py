@@ -88,11 +88,21 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return skeletons
 
 
-def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]]) -> Figure:
+def _spread(layers: list, count: int) -> list:
+    """`count` layers evenly spread from the first to the last (all of them when there are no more)."""
+    if len(layers) <= count:
+        return layers
+    return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
+
+
+def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], max_layers: int = 16) -> Figure:
     """One row per model label, one heat map per layer, one colour scale 0..1 for all of them.
+
+    A deep network (DenseNet-121 has 58 3x3 convs) shows `max_layers` of its layers, evenly spread.
 
     The returned Figure can be saved or passed to TensorBoard's ``SummaryWriter.add_figure``.
     """
+    skeletons = {label: _spread(layers, max_layers) for label, layers in skeletons.items()}
     rows = len(skeletons)
     cols = max((len(layers) for layers in skeletons.values()), default=0)
     if rows == 0 or cols == 0:

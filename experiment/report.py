@@ -35,11 +35,12 @@ RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
 def baseline_of(model: str) -> str | None:
-    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet'); None for others."""
-    head, marker, tail = model.partition("alexnet_ac")
-    if head or not marker or tail[:1] not in ("", "_"):
+    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
+    None for others."""
+    head, marker, tail = model.partition("_ac")
+    if not head or not marker or tail[:1] not in ("", "_"):
         return None
-    return "alexnet" + tail
+    return head + tail
 
 
 def _model_order(model: str) -> tuple[str, bool]:
@@ -279,7 +280,7 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
                 path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
                 fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
                 skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
-        if skeletons:
+        if any(skeletons.values()):  # none for networks without square KxK convs (K > 1)
             written.append(save_kernel_skeleton(skeletons, Path(out) / f"kernel_skeleton_{dataset}.png"))
     return written
 

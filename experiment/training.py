@@ -225,4 +225,6 @@ def log_kernel_skeleton(tracker, model, name):
     from experiment.figures import kernel_skeleton, kernel_skeleton_figure
     from nets import fuse_model
 
-    tracker.figure("kernel_skeleton", kernel_skeleton_figure({f"{name} (fused)": kernel_skeleton(fuse_model(model))}))
+    layers = kernel_skeleton(fuse_model(model))
+    if layers:  # a network without square KxK convs (K > 1) has no skeleton to draw
+        tracker.figure("kernel_skeleton", kernel_skeleton_figure({f"{name} (fused)": layers}))

@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -24,7 +25,7 @@ def compose_train(*overrides):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("model", [m for m in options("model") if m != "torchvision"])
 def test_every_model_config_builds_its_network(model):
     cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16")
     net = build_model(cfg.model, num_classes=10)
@@ -43,6 +44,16 @@ def test_every_ac_config_starts_each_branch_bn_at_one_third(model):
 
     assert branch_scales() == [pytest.approx(1 / 3)]
     assert branch_scales("model.gamma_init=1") == [1.0]  # the seed's plain block
+
+
+@pytest.mark.parametrize("ac", [False, True])
+def test_torchvision_config_names_the_run_and_builds_the_builders_class(ac):
+    cfg = compose_train("model=torchvision", "model.arch=mobilenet_v2", f"model.ac={str(ac).lower()}")
+    assert cfg.model.name == ("mobilenet_v2_ac" if ac else "mobilenet_v2")
+    assert cfg.model.gamma_init == pytest.approx(1 / 3)
+    net = build_model(cfg.model, num_classes=7)
+    assert type(net) is torchvision.models.MobileNetV2 and net.classifier[-1].out_features == 7
+    assert any(isinstance(m, ACBlock) for m in net.modules()) == ac
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))

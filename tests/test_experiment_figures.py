@@ -96,3 +96,10 @@ def test_confusion_matrix_png(tmp_path):
 def test_confusion_matrix_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 3\)"):
         save_confusion_matrix([[1, 0], [0, 1]], ["a", "b", "c"], tmp_path / "cm.png")
+
+
+def test_kernel_skeleton_figure_of_a_deep_network_shows_an_even_spread_of_layers():
+    layers = [(f"conv{i}", torch.rand(3, 3)) for i in range(40)]
+    fig = kernel_skeleton_figure({"deep": layers}, max_layers=5)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["conv0", "conv10", "conv20", "conv29", "conv39"]

@@ -55,6 +55,9 @@ def test_baseline_of():
     assert baseline_of("alexnet") is None
     assert baseline_of("alexnet_imagenet") is None
     assert baseline_of("alexnet_acme") is None
+    assert baseline_of("resnet18_ac") == "resnet18"
+    assert baseline_of("mobilenet_v2_ac") == "mobilenet_v2"
+    assert baseline_of("resnet18") is None and baseline_of("_ac") is None
 
 
 def test_load_runs_finds_nested_runs_and_notes_unfinished(sweep, caplog):

@@ -17,6 +17,7 @@ from experiment.errors import UserError
 
 log = logging.getLogger(__name__)
 
+DATASETS = ("cifar10", "cifar100", "digits", "fake", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -45,7 +46,7 @@ def load_dataset(cfg, train=True):
     training split its listing and scan."""
     loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
                "folder": _load_folder}
-    if cfg.name not in loaders:
+    if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
     return _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
 

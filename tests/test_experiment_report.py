@@ -210,3 +210,13 @@ def test_report_draws_the_kernel_skeleton_of_runs_with_checkpoints(trained_runs,
     assert "alexnet_ac" in markdown
     with Image.open(tmp_path / "kernel_skeleton_digits.png") as im:
         assert im.format == "PNG" and im.size[1] > 400  # two rows (one row is ~250 px): baseline and AC
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), "99"])
+def test_a_run_without_a_finite_accuracy_is_named_not_averaged(sweep, value):
+    bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
+    metrics = json.loads(bad.read_text())
+    metrics["best_acc1"] = value
+    bad.write_text(json.dumps(metrics))  # json writes NaN and Infinity, as Python's json.dumps does
+    with pytest.raises(ValueError, match=f"{bad} has best_acc1={value}, not a finite accuracy"):
+        load_runs([sweep])

@@ -18,6 +18,7 @@ from experiment.errors import UserError
 
 log = logging.getLogger(__name__)
 
+DATASETS = ("cifar10", "cifar100", "digits", "fake", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -58,7 +59,7 @@ def load_dataset(cfg, train=True):
     training images becomes the validation split (see `holdout_split`)."""
     loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
                "folder": _load_folder}
-    if cfg.name not in loaders:
+    if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
     data = _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
     fraction = cfg.get("val_split") or 0
@@ -185,6 +186,7 @@ def check_folder_layout(root, splits=("train", "val")):
         if not folder.is_dir():
             raise UserError(f"{folder} is missing; dataset=folder expects {root}/train/<class>/*.jpg and "
                             f"{root}/val/<class>/*.jpg")
+        _check_no_folder_read_twice(folder)
         classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
         if not classes:
             raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
@@ -201,6 +203,18 @@ def check_folder_layout(root, splits=("train", "val")):
     return found[splits[0]]
 
 
+def _check_no_folder_read_twice(folder):
+    """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
+    would count images many times and under the wrong class. Refuse any folder reached twice."""
+    seen = {}
+    for path, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{path} is a link to {seen[real]}, which is read already (a link loop or a second "
+                            f"copy of a folder would count its images again, under another class); remove the link")
+        seen[real] = path
+
+
 def _drop_unreadable(split, skip):
     from PIL import Image
 
@@ -215,6 +229,9 @@ def _drop_unreadable(split, skip):
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         ok = list(pool.map(readable, [p for p, _ in split.samples]))
     bad = [p for (p, _), good in zip(split.samples, ok) if not good]
+    if bad and len(bad) == len(split.samples):
+        raise UserError(f"none of the {len(bad)} images in {split.root} can be read (e.g. {bad[0]}); check that "
+                        f"the folder holds images, not e.g. unfinished downloads")
     if bad and not skip:
         raise UserError(f"cannot read image {bad[0]} ({len(bad)} unreadable in {split.root}); fix or remove it, "
                         f"or set dataset.skip_bad_images=true to leave such files out")

@@ -30,10 +30,11 @@ def _new_figure(**kwargs) -> Figure:
 
 
 def _save(fig: Figure, path) -> Path:
+    from experiment.checkpoint import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                                    bbox_inches="tight"), what="figure")
 
 
 def save_confusion_matrix(matrix, class_names, path) -> Path:

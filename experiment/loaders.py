@@ -178,6 +178,12 @@ def checkpoint_test_loader(ckpt, path, overrides, *, device):
     if len(data.classes) != ckpt["num_classes"]:
         raise UserError(f"{path} predicts {ckpt['num_classes']} classes but dataset {cfg.name} has "
                         f"{len(data.classes)}; use it on the dataset it was trained on")
+    stored = ckpt.get("classes")
+    if stored and list(stored) != list(data.classes):
+        differ = [f"{a}/{b}" for a, b in zip(stored, data.classes) if a != b]
+        raise UserError(f"{path} was trained on classes that {cfg.name} names otherwise (checkpoint/dataset: "
+                        f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); its scores would compare "
+                        f"wrong labels: use it on the dataset it was trained on")
     return cfg, list(data.classes), build_test_loader(data, cfg, device=device)
 
 

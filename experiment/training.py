@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from experiment import rundir
 from experiment.checkpoint import link_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiment.complexity import count_parameters
+from experiment.config_checks import check_train_config
 from experiment.datasets import load_dataset, report_skipped_images
 from experiment.distributed import World, all_gather_object, local_main_first, unwrap, wrap_ddp
 from experiment.engine import NonFiniteLoss, TrainTotals, evaluate, reduce_train_totals, train_one_epoch
@@ -38,17 +39,15 @@ def train(cfg, overrides, world, device, run_dir):
     resume = load_checkpoint(cfg.resume, training=True) if cfg.resume else None
     if resume:
         cfg = resumed_config(cfg, resume["config"], overrides)
+        check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
         if resume["epoch"] >= cfg.trainer.epochs:
             raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
                             f"epochs): nothing to resume; its results are in {rundir.run_dir_of_checkpoint(cfg.resume)}")
     if world.is_main:
-        rundir.check_run_dir_free(run_dir, resuming=cfg.resume if resume else None)
+        rundir.claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
-    for key in ("epochs", "eval_every", "save_every", "log_every"):
-        if not isinstance(tc[key], int) or tc[key] < 1:
-            raise UserError(f"trainer.{key}={tc[key]} must be a whole number of at least 1")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once

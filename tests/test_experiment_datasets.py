@@ -174,3 +174,26 @@ def test_folder_validation_split_is_read_like_the_test_split(tmp_path):
     assert {p for p, _ in data.train.samples}.isdisjoint(p for p, _ in data.val.samples)
     assert sorted(data.val.targets) == [0, 0, 1, 1]
     assert data.val.transform is data.test.transform and data.train.transform is not data.test.transform
+
+
+@pytest.mark.parametrize("link_to", ["parent", "other class"])
+def test_a_folder_link_that_would_read_images_twice_is_refused(tmp_path, link_to):
+    root = image_tree(tmp_path / "data")
+    target = root / "train" if link_to == "parent" else root / "train" / "dog"
+    (root / "train" / "cat" / "more").symlink_to(target, target_is_directory=True)
+    with pytest.raises(UserError, match="cat/more is a link to .*remove the link"):
+        load_dataset(folder_cfg(root))
+
+
+def test_a_file_link_still_counts_once(tmp_path):
+    root = image_tree(tmp_path / "data")
+    (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")
+    assert len(load_dataset(folder_cfg(root)).train) == 5
+
+
+def test_a_split_with_no_readable_image_is_refused_even_when_skipping(tmp_path):
+    root = image_tree(tmp_path)
+    for p in (root / "val").rglob("*.png"):
+        p.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="none of the 4 images in .*val can be read"):
+        load_dataset(folder_cfg(root, skip_bad_images=True), train=False)

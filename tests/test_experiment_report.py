@@ -240,3 +240,13 @@ def test_one_run_selected_on_test_sends_the_verdict_to_the_final_epoch(tmp_path)
         write_run(tmp_path, f"a{seed}", "alexnet_ac", seed, 92.0, final=89.5, test=None if seed else 90.5)
     (pair,) = paired_differences(load_runs([tmp_path]))
     assert pair["verdict_metric"] == "final_acc1" and verdict(pair).startswith("gain +0.50 points")
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), "99"])
+def test_a_run_without_a_finite_accuracy_is_named_not_averaged(sweep, value):
+    bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
+    metrics = json.loads(bad.read_text())
+    metrics["best_acc1"] = value
+    bad.write_text(json.dumps(metrics))  # json writes NaN and Infinity, as Python's json.dumps does
+    with pytest.raises(ValueError, match=f"{bad} has best_acc1={value}, not a finite accuracy"):
+        load_runs([sweep])

@@ -6,6 +6,10 @@ beside it.
 With compare=, both checkpoints run on the same data in float32 and the differing predictions are counted:
 for a trained model and its fusion both the accuracy difference and that count must be 0.
 """
+from experiment.errors import interrupt_in_one_line
+
+interrupt_in_one_line()  # before the slow imports below
+
 import contextlib
 import logging
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 import hydra
 
 from experiment.checkpoint import load_checkpoint
+from experiment.config_checks import EVAL_RULES, check_values
 from experiment.deploy import exact_float32
 from experiment.distributed import World, select_device
 from experiment.engine import evaluate
@@ -20,6 +25,7 @@ from experiment.errors import UserError, exit_on_user_error
 from experiment.figures import save_confusion_matrix
 from experiment.loaders import checkpoint_test_loader
 from experiment.models import model_from_checkpoint
+from experiment.outputs import check_outputs
 from experiment.tracking import write_json
 
 log = logging.getLogger("eval")
@@ -28,6 +34,10 @@ log = logging.getLogger("eval")
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
+    check_values(cfg, EVAL_RULES, allow_null=True)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
+    png = out.with_name(f"{out.name.removesuffix('.json').removesuffix('.eval')}.confusion.png")
+    out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare])
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
     data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
@@ -64,11 +74,8 @@ def main(cfg):
                  report["compare"]["model"], theirs["acc1"], theirs["acc1"] - result["acc1"], differing,
                  result["num_samples"])
 
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    stem = out.name.removesuffix(".json").removesuffix(".eval")
-    png = save_confusion_matrix(result["confusion"], classes, out.with_name(f"{stem}.confusion.png"))
+    save_confusion_matrix(result["confusion"], classes, png)
     log.info("wrote %s and %s", out, png)
 
 

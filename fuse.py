@@ -1,9 +1,13 @@
-"""Fold a trained AlexNet or AlexNetAC into the plain deploy AlexNet and prove nothing changed:
+"""Fold a trained model (AlexNet, AlexNetAC, or an acified torchvision model) into its deploy form and prove nothing changed:
 `python fuse.py ckpt=outputs/.../checkpoints/best.pt [out=PATH] [onnx=true]`; options in configs/fuse.yaml.
 
 Exit status: 0 when the fused model's logits match within `tolerance` (and the ONNX file's too), 1 when not
 (nothing is written then), 2 for a usage error.
 """
+from experiment.errors import interrupt_in_one_line
+
+interrupt_in_one_line()  # before the slow imports below
+
 import logging
 import sys
 import time
@@ -14,11 +18,13 @@ import torch
 
 from experiment.checkpoint import load_checkpoint, save_checkpoint
 from experiment.complexity import count_macs, count_parameters
+from experiment.config_checks import FUSE_RULES, check_values
 from experiment.deploy import deploy_checkpoint, export_onnx, is_deploy, logit_difference, onnx_logit_difference
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
 from experiment.loaders import checkpoint_test_loader
 from experiment.models import model_from_checkpoint
+from experiment.outputs import check_outputs, publish, staging_path
 from nets import fuse_model
 
 log = logging.getLogger("fuse")
@@ -27,12 +33,15 @@ log = logging.getLogger("fuse")
 @hydra.main(config_path="configs", config_name="fuse", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
+    check_values(cfg, FUSE_RULES)
     start = time.perf_counter()
     ckpt = load_checkpoint(cfg.ckpt)
     if is_deploy(ckpt):
         log.info("%s is already a deploy checkpoint: nothing to fuse", cfg.ckpt)
         return
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_deploy.pt")
+    onnx_path = out.with_suffix(".onnx") if cfg.onnx else None
+    out, *_ = check_outputs([out, onnx_path], [cfg.ckpt])
     device = select_device(cfg.device, option="device")
     model = model_from_checkpoint(ckpt, cfg.ckpt).to(device).eval()
     fused = fuse_model(model)
@@ -43,20 +52,25 @@ def main(cfg):
     real = real[:cfg.check_batch]
     noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     checks = {"random input": logit_difference(model, fused, noise), "test batch": logit_difference(model, fused, real)}
-    onnx_path = out.with_suffix(".onnx") if cfg.onnx else None
-    if onnx_path:
-        export_onnx(fused.cpu(), real[:2].cpu(), onnx_path)
-        checks["onnx, test batch"] = onnx_logit_difference(onnx_path, fused.cpu(), real.cpu())
-    for name, c in checks.items():
-        log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
-                 name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
-    if any(c["max_abs"] > cfg.tolerance for c in checks.values()):
-        if onnx_path:
-            onnx_path.unlink(missing_ok=True)
-        log.error("fusion is NOT exact: a logit differs by more than tolerance=%.1e; nothing written", cfg.tolerance)
-        sys.exit(1)
-
-    save_checkpoint(deploy_checkpoint(ckpt, fused, cfg.ckpt), out)
+    # Every output goes to a temporary file first and replaces an earlier export only once all checks passed.
+    staged = staging_path(onnx_path) if onnx_path else None
+    try:
+        if staged:
+            export_onnx(fused.cpu(), real[:2].cpu(), staged)
+            checks["onnx, test batch"] = onnx_logit_difference(staged, fused.cpu(), real.cpu())
+        for name, c in checks.items():
+            log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
+                     name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
+        if any(not c["max_abs"] <= cfg.tolerance for c in checks.values()):  # a NaN difference fails too
+            log.error("fusion is NOT exact: a logit differs by more than tolerance=%.1e; nothing written",
+                      cfg.tolerance)
+            sys.exit(1)
+        save_checkpoint(deploy_checkpoint(ckpt, fused, cfg.ckpt), out)
+        if staged:
+            publish(staged, onnx_path)
+    finally:
+        if staged:
+            staged.unlink(missing_ok=True)
     size = real.shape[1:]
     log.info("parameters %s -> %s, multiply-accumulates per %s image %s -> %s",
              f"{count_parameters(model):,}", f"{count_parameters(fused):,}", "x".join(map(str, size)),

@@ -4,11 +4,16 @@ One run, one directory (Hydra's run dir): config.yaml, train.log, TensorBoard ev
 and best.pt, metrics.json. Runs the same under `torchrun --nproc_per_node=N train.py ...`; the run itself is
 `experiment.training.train`.
 """
+from experiment.errors import interrupt_in_one_line
+
+interrupt_in_one_line()  # before the slow imports below
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import experiment.rundir  # noqa: F401  (registers the resolvers configs/train.yaml uses)
 from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
+from experiment.config_checks import check_train_config
 from experiment.errors import exit_on_user_error
 from experiment.training import train
 
@@ -16,6 +21,7 @@ from experiment.training import train
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
+    check_train_config(cfg)
     world = init_distributed(select_device(cfg.trainer.device).type)
     try:
         run_dir = broadcast_object(HydraConfig.get().runtime.output_dir, world)  # rank 0's, for every rank

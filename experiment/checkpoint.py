@@ -5,6 +5,7 @@ enough to rebuild the model), and for training checkpoints `optimizer`, `schedul
 (epochs completed), `step` (steps done in the epoch after that, non-zero only for an interrupted run),
 `best_acc1`, `history` and `rng`. Deploy checkpoints carry `deploy: True` instead of training state.
 """
+import glob
 import os
 import pickle
 import tempfile
@@ -27,7 +28,8 @@ def atomic_write(path, write, what="file"):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -45,6 +47,27 @@ def atomic_write(path, write, what="file"):
             Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files a killed writer of `path` left (`.<name>.<pid>.<random>.tmp` whose pid is
+    no longer running on this machine); a live writer's temporary file is kept."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or not pid_alive(int(pid)):  # no pid: an older version's name
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_checkpoint(state, path):
@@ -93,7 +116,7 @@ def load_checkpoint(path, map_location="cpu", training=False):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():  # torch 2.4: "Unsupported global", 2.14: "unsupported GLOBAL"
             raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code; "
                             f"only checkpoints of plain tensors and containers are accepted") from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
@@ -109,7 +132,31 @@ def load_checkpoint(path, map_location="cpu", training=False):
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
         raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
+    from experiment.config_checks import check_code_names
+
+    check_code_names(ckpt["config"], f" stored in {path}", training=training)
+    if training:
+        _check_training_state(ckpt, path)
     return ckpt
+
+
+def _check_training_state(ckpt, path):
+    """The resume state has the types train.py wrote; an edited one is refused here, not mid-run."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = {"epoch": whole(ckpt["epoch"]), "step": whole(ckpt["step"]),
+          "best_acc1": ckpt["best_acc1"] is None or isinstance(ckpt["best_acc1"], (int, float)),
+          "history": isinstance(ckpt["history"], list) and all(isinstance(h, dict) for h in ckpt["history"]),
+          "rng": isinstance(ckpt["rng"], list) and len(ckpt["rng"]) > 0
+          and all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in ckpt["rng"]),
+          "train_totals": ckpt["train_totals"] is None or (isinstance(ckpt["train_totals"], list)
+                                                            and all(isinstance(t, dict) for t in ckpt["train_totals"])),
+          "optimizer": isinstance(ckpt["optimizer"], dict), "scheduler": isinstance(ckpt["scheduler"], dict)}
+    bad = [k for k, good in ok.items() if not good]
+    if bad:
+        raise UserError(f"{path} cannot be resumed: its {', '.join(bad)} entry is not what train.py writes (an "
+                        f"edited file or other code); resume from an unedited checkpoints/last.pt")
 
 
 def rng_state():

@@ -3,6 +3,7 @@
 Every failure a user can cause (no network, a missing root, a broken folder layout, an unreadable image)
 becomes a UserError that says what to do.
 """
+import copy
 import logging
 import os
 import urllib.error
@@ -17,6 +18,7 @@ from experiment.errors import UserError
 
 log = logging.getLogger(__name__)
 
+DATASETS = ("cifar10", "cifar100", "digits", "fake", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -29,6 +31,12 @@ class TensorData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list
+    val_images: torch.Tensor | None = None  # held out of the training images by dataset.val_split
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def has_val(self):
+        return self.val_labels is not None
 
 
 @dataclass
@@ -38,16 +46,62 @@ class FolderData:
     train: object  # torchvision.datasets.ImageFolder
     test: object
     classes: list
+    val: object = None  # held out of train/ by dataset.val_split, read with the test transform
+
+    @property
+    def has_val(self):
+        return self.val is not None
 
 
 def load_dataset(cfg, train=True):
     """Load the dataset a `dataset/` config describes; `train=False` (evaluation) spares an image folder's
-    training split its listing and scan."""
+    training split its listing and scan. With `dataset.val_split` > 0 (and `train`), that fraction of the
+    training images becomes the validation split (see `holdout_split`)."""
     loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
                "folder": _load_folder}
-    if cfg.name not in loaders:
+    if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
-    return _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
+    data = _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
+    fraction = cfg.get("val_split") or 0
+    return _hold_out(data, fraction) if train and fraction else data
+
+
+def holdout_split(labels, fraction):
+    """(train indices, validation indices): `fraction` of each class's images held out. The draw depends on the
+    labels alone, not on the run's seed, so every seed and both models hold out the very same images."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise UserError(f"dataset.val_split={fraction} must be a fraction of the training images in [0, 1), "
+                        f"e.g. 0.1; 0 selects on the test split as the published code does")
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(0)
+    held = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=generator)[:round(fraction * len(members))]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    if not len(held) or labels[keep].unique().numel() < labels.unique().numel():
+        raise UserError(f"dataset.val_split={fraction} holds out {len(held)} of {len(labels)} training images "
+                        f"and leaves some class without training images; choose a fraction such as 0.1-0.2")
+    return keep.nonzero().flatten(), held
+
+
+def _hold_out(data, fraction):
+    if isinstance(data, TensorData):
+        train, val = holdout_split(data.train_labels, fraction)
+        return TensorData(data.train_images[train], data.train_labels[train], data.test_images, data.test_labels,
+                          data.classes, val_images=data.train_images[val], val_labels=data.train_labels[val])
+    train_idx, val_idx = holdout_split(data.train.targets, fraction)
+    train, val = data.train, copy.copy(data.train)  # one ImageFolder listing, two views of it
+    samples = train.samples
+    train.samples = [samples[i] for i in train_idx.tolist()]
+    val.samples = [samples[i] for i in val_idx.tolist()]
+    for split in (train, val):
+        split.targets = [t for _, t in split.samples]
+        split.imgs = split.samples
+    val.transform = data.test.transform  # validation images are scored like test images: no augmentation
+    return FolderData(train, data.test, data.classes, val=val)
 
 
 def _load_cifar(cfg):
@@ -132,6 +186,7 @@ def check_folder_layout(root, splits=("train", "val")):
         if not folder.is_dir():
             raise UserError(f"{folder} is missing; dataset=folder expects {root}/train/<class>/*.jpg and "
                             f"{root}/val/<class>/*.jpg")
+        _check_no_folder_read_twice(folder)
         classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
         if not classes:
             raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
@@ -148,6 +203,18 @@ def check_folder_layout(root, splits=("train", "val")):
     return found[splits[0]]
 
 
+def _check_no_folder_read_twice(folder):
+    """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
+    would count images many times and under the wrong class. Refuse any folder reached twice."""
+    seen = {}
+    for path, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{path} is a link to {seen[real]}, which is read already (a link loop or a second "
+                            f"copy of a folder would count its images again, under another class); remove the link")
+        seen[real] = path
+
+
 def _drop_unreadable(split, skip):
     from PIL import Image
 
@@ -162,6 +229,9 @@ def _drop_unreadable(split, skip):
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         ok = list(pool.map(readable, [p for p, _ in split.samples]))
     bad = [p for (p, _), good in zip(split.samples, ok) if not good]
+    if bad and len(bad) == len(split.samples):
+        raise UserError(f"none of the {len(bad)} images in {split.root} can be read (e.g. {bad[0]}); check that "
+                        f"the folder holds images, not e.g. unfinished downloads")
     if bad and not skip:
         raise UserError(f"cannot read image {bad[0]} ({len(bad)} unreadable in {split.root}); fix or remove it, "
                         f"or set dataset.skip_bad_images=true to leave such files out")

@@ -14,9 +14,9 @@ def is_deploy(ckpt):
 
 
 def deploy_checkpoint(ckpt, fused_model, source):
-    """The deploy checkpoint: AlexNet(bn=False) weights and the config that rebuilds them, no training state."""
+    """The deploy checkpoint: the fused weights and the config that rebuilds them, no training state."""
     config = copy.deepcopy(ckpt["config"])
-    config["model"] = deploy_config(config["model"]["name"], fused_model)
+    config["model"] = deploy_config(config["model"], fused_model)
     return {"model": fused_model.state_dict(), "config": config, "num_classes": ckpt["num_classes"],
             "classes": ckpt.get("classes"), "deploy": True, "source": str(source), "epoch": ckpt.get("epoch")}
 

@@ -1,5 +1,7 @@
 """Mistakes a user can make end in one line that says what to do, never in a traceback."""
 import functools
+import os
+import signal
 import sys
 
 
@@ -13,6 +15,8 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        if _installed_by == os.getpid():  # from here on a Ctrl-C unwinds, and is reported below
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -44,3 +48,24 @@ def _missing_value_errors():
     from omegaconf.errors import MissingMandatoryValue
 
     return (MissingMandatoryValue,)
+
+
+def interrupt_in_one_line():
+    """Ctrl-C from here on ends in `error: interrupted` and exit status 130: an entry point calls it before its
+    slow imports (torch, Hydra), where a Ctrl-C would otherwise print a traceback of whatever was loading.
+    Nothing is written yet then, so the process ends at once: an exception raised in the middle of an import
+    leaves half-imported modules behind, which the error handling would trip over. `exit_on_user_error`
+    hands Ctrl-C back to Python's KeyboardInterrupt when the entry point's own code starts."""
+    global _installed_by
+    _installed_by = os.getpid()
+    signal.signal(signal.SIGINT, _interrupted)
+
+
+_installed_by = None
+
+
+def _interrupted(signum, frame):
+    if os.getpid() != _installed_by:  # a forked DataLoader worker: it stops quietly, as by default
+        raise KeyboardInterrupt
+    print("error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)

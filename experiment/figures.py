@@ -30,10 +30,11 @@ def _new_figure(**kwargs) -> Figure:
 
 
 def _save(fig: Figure, path) -> Path:
+    from experiment.checkpoint import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                                    bbox_inches="tight"), what="figure")
 
 
 def save_confusion_matrix(matrix, class_names, path) -> Path:
@@ -88,13 +89,24 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return skeletons
 
 
-def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], layers_per_row: int | None = None) -> Figure:
+def _spread(layers: list, count: int) -> list:
+    """`count` layers evenly spread from the first to the last (all of them when there are no more)."""
+    if len(layers) <= count:
+        return layers
+    return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
+
+
+def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], max_layers: int = 16,
+                           layers_per_row: int | None = None) -> Figure:
     """One row per model label, one heat map per layer, one colour scale 0..1 for all of them.
 
+    A deep network (DenseNet-121 has 58 3x3 convs) shows `max_layers` of its layers, evenly spread.
     With ``layers_per_row`` each model's layers wrap onto rows of that many, at a larger type size: a
     compact figure whose labels stay readable when TensorBoard shrinks it to its card width.
+
     The returned Figure can be saved or passed to TensorBoard's ``SummaryWriter.add_figure``.
     """
+    skeletons = {label: _spread(layers, max_layers) for label, layers in skeletons.items()}
     layers = max((len(layers) for layers in skeletons.values()), default=0)
     if not skeletons or layers == 0:
         raise ValueError("no kernel skeletons to draw: pass at least one model with a square KxK conv (K > 1)")

@@ -153,14 +153,17 @@ def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_las
                                      channels_last=channels_last)
 
 
-def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False):
-    """The test split (this rank's share of it), normalised like the training data."""
+def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False, split="test"):
+    """The test split, or with `split="val"` the held-out validation split (this rank's share of it),
+    normalised like the training data."""
     from experiment.datasets import TensorData
 
     common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if isinstance(data, TensorData):
-        return DeviceLoader(data.test_images, data.test_labels, cfg.eval_batch_size, train=False, **common)
-    return FolderLoader(data.test, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
+    return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
+                        **common)
 
 
 def checkpoint_test_loader(ckpt, path, overrides, *, device):
@@ -175,6 +178,12 @@ def checkpoint_test_loader(ckpt, path, overrides, *, device):
     if len(data.classes) != ckpt["num_classes"]:
         raise UserError(f"{path} predicts {ckpt['num_classes']} classes but dataset {cfg.name} has "
                         f"{len(data.classes)}; use it on the dataset it was trained on")
+    stored = ckpt.get("classes")
+    if stored and list(stored) != list(data.classes):
+        differ = [f"{a}/{b}" for a, b in zip(stored, data.classes) if a != b]
+        raise UserError(f"{path} was trained on classes that {cfg.name} names otherwise (checkpoint/dataset: "
+                        f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); its scores would compare "
+                        f"wrong labels: use it on the dataset it was trained on")
     return cfg, list(data.classes), build_test_loader(data, cfg, device=device)
 
 

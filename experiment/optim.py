@@ -8,7 +8,6 @@ import math
 from types import SimpleNamespace
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from experiment.errors import UserError
@@ -22,13 +21,24 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# A closed registry keyed by the `_target_` the config files name: a checkpoint's stored config must not be
+# able to name any callable (Hydra's instantiate would import and call whatever it names).
+OPTIMIZERS = {"torch.optim.SGD": torch.optim.SGD, "torch.optim.AdamW": torch.optim.AdamW}
+SCHEDULES = ("cosine", "onecycle", "multistep")
+
+
 def build_optimizer(model, cfg):
-    """`cfg` is the `optimizer` config section: a torch.optim class as `_target_` and its options."""
+    """`cfg` is the `optimizer` config section: `_target_`, one of OPTIMIZERS, and that class's options."""
+    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    target = cfg.pop("_target_", None)
+    if target not in OPTIMIZERS:
+        raise UserError(f"optimizer._target_={target!r} is not an optimizer this repository builds; choose "
+                        f"optimizer=sgd or optimizer=adamw ({', '.join(OPTIMIZERS)})")
+    weight_decay = cfg.pop("weight_decay", 0.0)
     try:
-        optimizer_class = instantiate(cfg, _partial_=True)  # params passed after: Hydra would wrap them in a DictConfig
-        return optimizer_class(parameter_groups(model, cfg.weight_decay))
-    except Exception as e:
-        raise UserError(f"cannot build the optimizer from {dict(cfg)}: {e}") from None
+        return OPTIMIZERS[target](parameter_groups(model, weight_decay), **cfg)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build the optimizer from {dict(cfg, _target_=target)}: {e}") from None
 
 
 def lr_factor(cfg, step, total_steps, steps_per_epoch):
@@ -47,7 +57,7 @@ def lr_factor(cfg, step, total_steps, steps_per_epoch):
         return cfg.min_factor + (1 - cfg.min_factor) * 0.5 * (1 + math.cos(math.pi * down))
     if cfg.name == "multistep":
         return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-    raise UserError(f"unknown scheduler {cfg.name!r}; choose cosine, onecycle or multistep")
+    raise UserError(f"unknown scheduler {cfg.name!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
 def build_scheduler(optimizer, cfg, epochs, steps_per_epoch):

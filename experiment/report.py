@@ -5,8 +5,9 @@
 PATH is a run directory or a sweep directory (searched recursively for metrics.json). Writes
 report.md, report.csv and val_acc1_curves.png into DIR (default: the first PATH) and prints the
 Markdown; DIR/tensorboard/<dataset>/<model>/ gets TensorBoard runs with the mean over seeds per epoch and
-the paired AC − baseline difference, each with its 95% band (see `write_tensorboard`). Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel
-skeleton of each model after fusion (of its lowest seed), baseline and AC side by side.
+the paired AC − baseline difference, each with its 95% band (see `write_tensorboard`). Where runs kept
+checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel skeleton of each model after
+fusion (of its lowest seed), baseline and AC side by side.
 """
 from __future__ import annotations
 
@@ -28,18 +29,20 @@ from experiment.figures import save_curves
 
 log = logging.getLogger(__name__)
 
-METRICS = ("best_acc1", "final_acc1")
-REQUIRED_KEYS = ("model", "dataset", "seed", *METRICS)
+METRICS = ("best_acc1", "final_acc1", "test_acc1")
+REQUIRED_KEYS = ("model", "dataset", "seed", "best_acc1", "final_acc1")  # runs older than test_acc1 still load
+METRIC_NAMES = {"best_acc1": "best top-1", "final_acc1": "final top-1", "test_acc1": "test top-1 of best.pt"}
 # A directory holding one of these but no metrics.json is a run that has not finished (yet).
 RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
 def baseline_of(model: str) -> str | None:
-    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet'); None for others."""
-    head, marker, tail = model.partition("alexnet_ac")
-    if head or not marker or tail[:1] not in ("", "_"):
+    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
+    None for others."""
+    head, marker, tail = model.partition("_ac")
+    if not head or not marker or tail[:1] not in ("", "_"):
         return None
-    return "alexnet" + tail
+    return head + tail
 
 
 def _model_order(model: str) -> tuple[str, bool]:
@@ -82,6 +85,7 @@ def load_runs(paths) -> list[dict]:
             missing = [key for key in REQUIRED_KEYS if key not in run]
             if missing:
                 raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
+            _check_accuracies(run, file)
             run["dir"] = str(file.parent)
             key = (run["dataset"], run["model"], run["seed"])
             if key in owner:
@@ -90,6 +94,18 @@ def load_runs(paths) -> list[dict]:
             owner[key] = run["dir"]
             runs.append(run)
     return runs
+
+
+def _check_accuracies(run, file):
+    """A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the verdict
+    into blanks and "+nan": refuse it, naming the file."""
+    for key in METRICS:
+        value = run.get(key)
+        if key == "test_acc1" and key not in run:  # written from the validation-split change on
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove its "
+                             "directory.")
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -108,6 +124,18 @@ def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     return groups
 
 
+def _value(run: dict, metric: str) -> float:
+    value = run.get(metric)
+    return math.nan if value is None else value
+
+
+def unselected_metric(runs) -> str:
+    """The metric a verdict may be read on: one that was not used to pick the checkpoint it scores. With a
+    validation split (`selected_on: val` in every run) that is the test top-1 of best.pt; without one, best.pt
+    was picked on the test split itself, so only the final epoch's test top-1 is unbiased."""
+    return "test_acc1" if runs and all(r.get("selected_on") == "val" for r in runs) else "final_acc1"
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (dataset, model): seeds, mean and sample std of best and final top-1."""
     rows = []
@@ -116,7 +144,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             seeds = models[model]
             row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
             for metric in METRICS:
-                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in seeds.values()])
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([_value(r, metric) for r in seeds.values()])
             rows.append(row)
     return rows
 
@@ -138,9 +166,10 @@ def paired_differences(runs: list[dict]) -> list[dict]:
             n = len(paired)
             row = {"dataset": dataset, "model": model, "baseline": baseline, "n_pairs": n, "paired_seeds": paired,
                    "unpaired_ac_seeds": sorted(ac_runs.keys() - base_runs.keys()),
-                   "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys())}
+                   "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys()),
+                   "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
-                mean, sd = _mean_std([ac_runs[s][metric] - base_runs[s][metric] for s in paired])
+                mean, sd = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
                 half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
@@ -148,8 +177,10 @@ def paired_differences(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def verdict(pair: dict, metric: str = "best_acc1") -> str:
-    """One line saying whether the paired difference in ``metric`` is shown to be non-zero."""
+def verdict(pair: dict, metric: str | None = None) -> str:
+    """One line saying whether the paired difference in ``metric`` (default: the pair's unselected metric,
+    see `unselected_metric`) is shown to be non-zero."""
+    metric = metric or pair["verdict_metric"]
     n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
     if n == 0:
         return "no seed was run in both arms: nothing to compare"
@@ -181,40 +212,44 @@ def _seeds(seeds) -> str:
 
 def render_markdown(summary: list[dict], pairs: list[dict]) -> str:
     """The report: per-model table, paired-difference table, one verdict line per AC model and dataset."""
+    names = [METRIC_NAMES[m] for m in METRICS]
     lines = ["# AlexNet vs AlexNet-AC", "",
              "## Per-model summary", "",
-             "Top-1 accuracy (%) on the validation split, mean ± sample std over seeds.", "",
-             "| dataset | model | seeds | best top-1 | final top-1 |",
-             "|---|---|---:|---:|---:|"]
+             "Top-1 accuracy (%), mean ± sample std over seeds. Best and final top-1 are measured on the split "
+             "that scored each epoch (the validation split where runs hold one out, else the test split); test "
+             "top-1 of best.pt is measured on the test split.", "",
+             f"| dataset | model | seeds | {' | '.join(names)} |",
+             "|---|---|---:|" + "---:|" * len(METRICS)]
     for row in summary:
         lines.append(f"| {row['dataset']} | {row['model']} | {row['n_seeds']} | "
-                     f"{_mean_pm_std(row['best_acc1_mean'], row['best_acc1_std'])} | "
-                     f"{_mean_pm_std(row['final_acc1_mean'], row['final_acc1_std'])} |")
+                     + " | ".join(_mean_pm_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS) + " |")
     lines += ["", "## Paired difference, AC − baseline", ""]
     if not pairs:
         lines.append("No AC model has baseline runs on the same dataset: nothing to pair.")
         return "\n".join(lines) + "\n"
     lines += ["Percentage points, per seed run in both arms: mean ± sample std of the differences, "
               "95% Student-t confidence interval of the mean.", "",
-              "| dataset | AC model | baseline | pairs | Δ best top-1 | 95% CI | Δ final top-1 | 95% CI | unpaired seeds |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|"]
+              "| dataset | AC model | baseline | pairs | " + " | ".join(f"Δ {n} | 95% CI" for n in names)
+              + " | unpaired seeds |",
+              "|---|---|---|---:|" + "---:|---:|" * len(METRICS) + "---|"]
     for p in pairs:
         unpaired = "; ".join(f"{name}: {_seeds(seeds)}" for name, seeds in
                              ((p["model"], p["unpaired_ac_seeds"]), (p["baseline"], p["unpaired_baseline_seeds"]))
                              if seeds) or "none"
         lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
-                     f"{_mean_pm_std(p['best_acc1_diff_mean'], p['best_acc1_diff_std'], signed=True)} | "
-                     f"{_ci(p, 'best_acc1')} | "
-                     f"{_mean_pm_std(p['final_acc1_diff_mean'], p['final_acc1_diff_std'], signed=True)} | "
-                     f"{_ci(p, 'final_acc1')} | {unpaired} |")
-    lines += ["", "## Verdict (best top-1)", ""]
-    lines += [f"- {p['dataset']}, {p['model']} vs {p['baseline']}: {verdict(p)}" for p in pairs]
+                     + " | ".join(f"{_mean_pm_std(p[f'{m}_diff_mean'], p[f'{m}_diff_std'], signed=True)} | "
+                                  f"{_ci(p, m)}" for m in METRICS) + f" | {unpaired} |")
+    lines += ["", "## Verdict", "",
+              "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
+              "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
+              "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
+    lines += [f"- {p['dataset']}, {p['model']} vs {p['baseline']}, {METRIC_NAMES[p['verdict_metric']]}: {verdict(p)}"
+              for p in pairs]
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ["dataset", "model", "n_seeds", "seeds",
-               "best_acc1_mean", "best_acc1_std", "final_acc1_mean", "final_acc1_std",
-               "baseline", "n_pairs", "paired_seeds", "unpaired_ac_seeds", "unpaired_baseline_seeds",
+CSV_COLUMNS = ["dataset", "model", "n_seeds", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+               "baseline", "n_pairs", "paired_seeds", "unpaired_ac_seeds", "unpaired_baseline_seeds", "verdict_metric",
                *(f"{m}_{s}" for m in METRICS for s in ("diff_mean", "diff_std", "ci_low", "ci_high"))]
 
 
@@ -261,7 +296,7 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
                 path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
                 fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
                 skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
-        if skeletons:
+        if any(skeletons.values()):  # none for networks without square KxK convs (K > 1)
             written.append(save_kernel_skeleton(skeletons, Path(out) / f"kernel_skeleton_{dataset}.png"))
     return written
 

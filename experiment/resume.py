@@ -1,7 +1,8 @@
 """The config of a resumed run: the one stored in its checkpoint, so `python train.py resume=PATH` alone
-continues exactly that run. Command-line `trainer.*` overrides apply on top (e.g. more epochs, another
-device); any other override must agree with the stored run, since changing the model, data or recipe
-halfway would make a different experiment."""
+continues exactly that run. Command-line `trainer.*` overrides apply on top (e.g. another device or
+save interval); any other override must agree with the stored run, since changing the model, data or
+recipe halfway would make a different experiment. `trainer.epochs` is part of the recipe: the learning-rate
+schedule is laid out over the run's steps, and another length would make it jump."""
 from omegaconf import OmegaConf
 
 from experiment.errors import UserError
@@ -17,7 +18,7 @@ def resumed_config(cfg, stored, overrides):
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(_IGNORED):
             continue
-        if key.startswith("trainer."):
+        if key.startswith("trainer.") and key != "trainer.epochs":
             OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
             continue
         now, then = OmegaConf.select(cfg, key), OmegaConf.select(resumed, key)
@@ -25,6 +26,10 @@ def resumed_config(cfg, stored, overrides):
             now = OmegaConf.to_container(now, resolve=True)
         if OmegaConf.is_config(then):
             then = OmegaConf.to_container(then, resolve=True)
+        if now != then and key == "trainer.epochs":
+            raise UserError(f"{override} differs from the run being resumed (trainer.epochs was {then}): its "
+                            f"learning-rate schedule spans {then} epochs and would jump; resume without "
+                            f"trainer.epochs, or start a new run with the length you want")
         if now != then:
             raise UserError(f"{override} differs from the run being resumed ({key} was {then}); resume with "
                             f"only trainer.* overrides, or start a new run without resume=")

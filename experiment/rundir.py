@@ -5,8 +5,11 @@ Hydra names the directory (configs/train.yaml). Two resolvers used there make it
 scratch directory (they learn rank 0's over the process group), so a torchrun job leaves exactly one run
 directory; `log_file` keeps those processes out of the run's log.
 """
+import atexit
 import os
+import re
 import shlex
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +26,21 @@ def _is_main_process():
 def _run_dir(resume, new_dir):
     if not _is_main_process():
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
-    if resume:
-        return str(run_dir_of_checkpoint(resume))
-    return new_dir
+    return _writable_dir(run_dir_of_checkpoint(resume) if resume else new_dir)
+
+
+def _writable_dir(path):
+    """Hydra creates the run directory and its log before train.py runs, and reports a failure there with a
+    traceback: so the check happens here, when Hydra asks for the directory, with the usual one line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable (a read-only file system, or no permission)")
+    except OSError as e:
+        print(f"error: cannot use {path} as the run directory ({e.strerror or e}); pass a writable "
+              f"hydra.run.dir", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return str(path)
 
 
 def _log_file(path):
@@ -56,6 +71,75 @@ def check_run_dir_free(run_dir, resuming=None):
                     f"resume={run_dir / 'checkpoints' / 'last.pt'}")
 
 
+CLAIM = ".run.lock"
+
+
+def claim_run_dir(run_dir, resuming=None):
+    """Make `run_dir` this process's: refuse a directory that holds another run (see `check_run_dir_free`) or
+    that a running train.py has claimed. The claim is a file holding `pid host`, created atomically; it goes
+    when this process exits, and one left by a killed process of this machine no longer counts."""
+    run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, resuming)
+    lock = run_dir / CLAIM
+    tmp = run_dir / f"{CLAIM}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # atomic and exclusive: fails when the claim exists; never half-written
+                break
+            except FileExistsError:
+                owner = _claim_owner(lock)
+                if owner is not None:
+                    raise UserError(f"{run_dir} is in use by a running train.py (process {owner[0]} on "
+                                    f"{owner[1]}); wait for it to end or choose another hydra.run.dir (if no "
+                                    f"run is active there, delete {lock})") from None
+                lock.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot claim {run_dir} as the run directory ({e.strerror or e}); pass a writable "
+                        f"hydra.run.dir") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    atexit.register(release_run_dir, lock)
+    from experiment.checkpoint import remove_stale_temporaries  # what a killed save left behind
+
+    for name in ("last.pt", "best.pt"):
+        remove_stale_temporaries(run_dir / "checkpoints" / name)
+    return lock
+
+
+def release_run_dir(lock):
+    if _claim_owner(lock, mine=True) is not None:
+        Path(lock).unlink(missing_ok=True)
+
+
+def _claim_owner(lock, mine=False):
+    """(pid, host) of a live claim, or None when it is stale: its process no longer runs on this machine, or
+    (`mine=False`) it is this process's own. `mine=True`: (pid, host) only when it is this process's."""
+    from experiment.checkpoint import pid_alive
+
+    try:
+        pid, host = Path(lock).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    here = host == socket.gethostname()
+    if mine:
+        return (pid, host) if here and pid == os.getpid() else None
+    if here and (pid == os.getpid() or not pid_alive(pid)):
+        return None
+    return pid, host
+
+
+def hydra_quote(value):
+    """`value` as a single-quoted Hydra override value: Hydra's grammar stops unquoted values at `,` `'` `[`
+    `=` spaces and non-ASCII letters. Inside quotes only a quote and the backslashes right before a quote (or
+    the closing one) are escapes."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
+
+
 def resume_command(checkpoint):
     """The command line that continues a run from `checkpoint` (which holds the run's whole config)."""
     # train.py as it was typed, so the command works from the same directory (under a launcher such as submitit,
@@ -63,4 +147,4 @@ def resume_command(checkpoint):
     script = sys.argv[0]
     if Path(script).name != "train.py":
         script = str(Path(__file__).resolve().parents[1] / "train.py")
-    return shlex.join([script, f"resume={checkpoint}"])
+    return shlex.join([script, f"resume={hydra_quote(checkpoint)}"])

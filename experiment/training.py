@@ -16,13 +16,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from experiment import rundir
 from experiment.checkpoint import link_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from experiment.complexity import count_parameters
+from experiment.config_checks import check_train_config
 from experiment.datasets import load_dataset, report_skipped_images
-from experiment.distributed import all_gather_object, local_main_first, unwrap, wrap_ddp
+from experiment.distributed import World, all_gather_object, local_main_first, unwrap, wrap_ddp
 from experiment.engine import NonFiniteLoss, TrainTotals, evaluate, reduce_train_totals, train_one_epoch
 from experiment.errors import UserError
 from experiment.interrupt import StopRequest
-from experiment.loaders import build_loaders
-from experiment.models import build_model, check_input_fits
+from experiment.loaders import build_loaders, build_test_loader
+from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
 from experiment.resume import resumed_config
 from experiment.tracking import RunTracker, session_group, use_progress_bars, write_json
@@ -38,14 +39,15 @@ def train(cfg, overrides, world, device, run_dir):
     resume = load_checkpoint(cfg.resume, training=True) if cfg.resume else None
     if resume:
         cfg = resumed_config(cfg, resume["config"], overrides)
+        check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
+        if resume["epoch"] >= cfg.trainer.epochs:
+            raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
+                            f"epochs): nothing to resume; its results are in {rundir.run_dir_of_checkpoint(cfg.resume)}")
     if world.is_main:
-        rundir.check_run_dir_free(run_dir, resuming=cfg.resume if resume else None)
+        rundir.claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
-    for key in ("epochs", "eval_every", "save_every", "log_every"):
-        if not isinstance(tc[key], int) or tc[key] < 1:
-            raise UserError(f"trainer.{key}={tc[key]} must be a whole number of at least 1")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
@@ -57,6 +59,10 @@ def train(cfg, overrides, world, device, run_dir):
     num_classes = len(data.classes)
     train_loader, test_loader = build_loaders(data, cfg.dataset, device=device, seed=cfg.seed, rank=world.rank,
                                               world_size=world.size, channels_last=cuda and tc.channels_last)
+    # With dataset.val_split the epochs are scored, and best.pt picked, on held-out training images; the test
+    # split is then touched once, at the end, so its score was not selected on.
+    val_loader = build_test_loader(data, cfg.dataset, device=device, rank=world.rank, world_size=world.size,
+                                   channels_last=cuda and tc.channels_last, split="val") if data.has_val else test_loader
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes).to(device)
     if cuda and tc.channels_last:
@@ -92,6 +98,9 @@ def train(cfg, overrides, world, device, run_dir):
                "params": count_parameters(model)}
     log.info("%s on %s: %d parameters, %d classes, %d training steps per epoch, %s, %d process(es)",
              cfg.model.name, cfg.dataset.name, hparams["params"], num_classes, len(train_loader), device, world.size)
+    if data.has_val:
+        log.info("validation split: %d held-out training images pick best.pt; the test split scores it at the end",
+                 val_loader.num_samples)
 
     def checkpoint(epoch, step, totals=None):
         """The state to continue from; on every rank, since it gathers their RNG states and running totals."""
@@ -135,7 +144,7 @@ def train(cfg, overrides, world, device, run_dir):
             last_epoch = epoch + 1 == tc.epochs
             val = None
             if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-                val = evaluate(fast_model, test_loader, num_classes=num_classes, device=device, world=world,
+                val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
                                amp=tc.amp)
             record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc1": train["acc1"],
                       "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "img_per_s": img_per_s}
@@ -168,17 +177,34 @@ def train(cfg, overrides, world, device, run_dir):
     # Report
     train_seconds = seconds_before + time.perf_counter() - start
     if world.is_main:
+        test_acc1 = score_on_test(ckpt_dir / "best.pt", data, cfg.dataset, device) if data.has_val else best_acc1
         metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                    "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
+                   "test_acc1": test_acc1, "selected_on": "val" if data.has_val else "test",
+                   "best_epoch": next((h["epoch"] for h in history if h.get("val_acc1") == best_acc1), None),
                    "train_seconds": train_seconds,
                    "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1), "history": history}
         write_json(run_dir / "metrics.json", metrics)
+        tracker.scalars({"test/acc1": test_acc1}, tc.epochs)
         tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
         log_kernel_skeleton(tracker, unwrap(ddp_model), cfg.model.name)
-        log.info("done: best top-1 %.2f%%, final top-1 %.2f%%, %.0fs, %.0f img/s\n  run directory: %s\n"
-                 "  checkpoints: %s\n  tensorboard --logdir %s", best_acc1 or 0.0, metrics["final_acc1"] or 0.0,
-                 train_seconds, metrics["img_per_s"], run_dir, ckpt_dir, run_dir.parent)
+        log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "
+                 "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  tensorboard --logdir %s",
+                 metrics["selected_on"], best_acc1 or 0.0, metrics["best_epoch"], metrics["selected_on"],
+                 metrics["final_acc1"] or 0.0, test_acc1 or 0.0, train_seconds, metrics["img_per_s"], run_dir,
+                 ckpt_dir, run_dir.parent)
     tracker.close()
+
+
+def score_on_test(best_path, data, dataset_cfg, device):
+    """Top-1 of the checkpoint picked on the validation split, on the whole test split, the way eval.py scores
+    it (rebuilt from the file, float32, one process), so `test_acc1` is what `eval.py ckpt=best.pt` reports."""
+    model = model_from_checkpoint(load_checkpoint(best_path), best_path).to(device)
+    loader = build_test_loader(data, dataset_cfg, device=device)
+    result = evaluate(model, loader, num_classes=len(data.classes), device=device, world=World(), amp=False)
+    log.info("best.pt on the test split: top-1 %.2f%%, top-5 %.2f%%, %d images", result["acc1"], result["acc5"],
+             result["num_samples"])
+    return result["acc1"]
 
 
 def resumed_totals(saved, world):
@@ -197,5 +223,6 @@ def log_kernel_skeleton(tracker, model, name):
     from experiment.figures import kernel_skeleton, kernel_skeleton_figure
     from nets import fuse_model
 
-    tracker.figure("images/kernel_skeleton", kernel_skeleton_figure(
-        {f"{name} (fused)": kernel_skeleton(fuse_model(model))}, layers_per_row=3))
+    layers = kernel_skeleton(fuse_model(model))
+    if layers:  # a network without square KxK convs (K > 1) has no skeleton to draw
+        tracker.figure("images/kernel_skeleton", kernel_skeleton_figure({f"{name} (fused)": layers}, layers_per_row=3))

@@ -1,7 +1,8 @@
-"""Networks of the AlexNet-AC experiment: pure PyTorch, importable into any project."""
+"""Networks of the AlexNet-AC experiment, and ACBlocks for any CNN (`acify`): pure PyTorch, importable anywhere."""
 
 from .acb import ACBlock
+from .acify import acify
 from .alexnet import AlexNet, AlexNetAC
 from .fusion import fuse_model
 
-__all__ = ["ACBlock", "AlexNet", "AlexNetAC", "fuse_model"]
+__all__ = ["ACBlock", "acify", "AlexNet", "AlexNetAC", "fuse_model"]

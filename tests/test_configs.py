@@ -2,6 +2,8 @@
 import re
 
 import pytest
+import torch
+import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -9,7 +11,7 @@ import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses
 from conftest import ROOT
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler, lr_factor
-from nets import AlexNet, AlexNetAC
+from nets import ACBlock, AlexNet, AlexNetAC
 
 CONFIGS = ROOT / "configs"
 
@@ -23,12 +25,35 @@ def compose_train(*overrides):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("model", [m for m in options("model") if m != "torchvision"])
 def test_every_model_config_builds_its_network(model):
     cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16")
     net = build_model(cfg.model, num_classes=10)
     assert isinstance(net, AlexNetAC if "_ac" in model else AlexNet)
     assert net.config["layout"] == ("imagenet" if model.endswith("imagenet") else "cifar")
+
+
+@pytest.mark.parametrize("model", [m for m in options("model") if "_ac" in m])
+def test_every_ac_config_starts_each_branch_bn_at_one_third(model):
+    """Three summed BN branches at scale 1 start at three times one BN's variance; 1/3 each keeps the sum at 1."""
+    def branch_scales(*overrides):
+        cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16", *overrides)
+        blocks = [m for m in build_model(cfg.model, num_classes=10).modules() if isinstance(m, ACBlock)]
+        assert len(blocks) == 5
+        return torch.cat([bn.weight for b in blocks for bn in (b.square_bn, b.ver_bn, b.hor_bn)]).unique().tolist()
+
+    assert branch_scales() == [pytest.approx(1 / 3)]
+    assert branch_scales("model.gamma_init=1") == [1.0]  # the seed's plain block
+
+
+@pytest.mark.parametrize("ac", [False, True])
+def test_torchvision_config_names_the_run_and_builds_the_builders_class(ac):
+    cfg = compose_train("model=torchvision", "model.arch=mobilenet_v2", f"model.ac={str(ac).lower()}")
+    assert cfg.model.name == ("mobilenet_v2_ac" if ac else "mobilenet_v2")
+    assert cfg.model.gamma_init == pytest.approx(1 / 3)
+    net = build_model(cfg.model, num_classes=7)
+    assert type(net) is torchvision.models.MobileNetV2 and net.classifier[-1].out_features == 7
+    assert any(isinstance(m, ACBlock) for m in net.modules()) == ac
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))

@@ -90,8 +90,10 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     _, _, (run,), _ = ddp_run
     copy = tmp_path / "run"
     (copy / "checkpoints").mkdir(parents=True)
-    (copy / "checkpoints" / "last.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes())
-    proc = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}", "trainer.epochs=3")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["config"]["trainer"]["epochs"] = 3  # as if the 2-process run had been stopped after epoch 2 of 3
+    torch.save(ckpt, copy / "checkpoints" / "last.pt")
+    proc = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}")
     assert "1 process(es)" in proc.stdout
     assert [h["epoch"] for h in read_metrics(copy)["history"]] == [1, 2, 3]
 

@@ -1,5 +1,6 @@
 """eval.py on trained and fused checkpoints: the fused model keeps the trained model's accuracy exactly."""
 import json
+import os
 
 from PIL import Image
 
@@ -49,3 +50,13 @@ def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
             assert proc.returncode == 2
             assert proc.stderr.strip().startswith("error:") and says in proc.stderr
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_out_equal_to_the_checkpoint_is_refused_also_as_a_hard_link(trained_runs, tmp_path):
+    ckpt = trained_runs["alexnet"] / "checkpoints" / "best.pt"
+    before = ckpt.read_bytes()
+    os.link(ckpt, tmp_path / "same.pt")
+    for out in (ckpt, tmp_path / "same.pt"):
+        proc = run_script("eval.py", f"ckpt={ckpt}", f"out={out}", check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: out={out} would overwrite the input")
+    assert ckpt.read_bytes() == before

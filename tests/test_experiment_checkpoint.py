@@ -1,6 +1,8 @@
 """experiment/checkpoint.py: atomic writes, safe reads, one clear UserError for every unusable file."""
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from experiment.errors import UserError
 
 def make_state(value=1.0):
     return {"model": {"w": torch.full((3, 3), value), "b": torch.zeros(3)}, "num_classes": 3,
-            "config": {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"}},
+            "config": {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"},
+                       "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, "scheduler": {"name": "cosine"}},
             "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 5}, "scaler": None,
             "epoch": 1, "step": 0, "best_acc1": 12.5, "history": [{"epoch": 1, "val_acc1": 12.5}],
             "rng": [rng_state()], "train_totals": None, "classes": ["a", "b", "c"]}
@@ -185,3 +188,46 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     torch.manual_seed(999)
     set_rng_state(load_checkpoint(path)["rng"][0])
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_torch_2_14_pickle_refusal_is_recognised(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({**make_state(), "model": Payload(tmp_path / "PWNED")}, path)
+    with pytest.raises(UserError, match="^refusing to load "):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("target", ["os.system", "numpy.savez"])
+@pytest.mark.parametrize("key", ["optimizer._target_", "model.arch", "dataset.name"])
+def test_a_stored_config_naming_code_is_refused(tmp_path, monkeypatch, target, key):
+    monkeypatch.chdir(tmp_path)
+    state = make_state()
+    section, name = key.split(".")
+    state["config"][section] = {**state["config"][section], name: target, "file": "marker"}
+    path = save_checkpoint(state, tmp_path / "crafted.pt")
+    with pytest.raises(UserError, match=f"{key}='{target}' stored in .*crafted.pt is not valid"):
+        load_checkpoint(path, training=True)
+    if section != "optimizer":  # eval.py and fuse.py load without training state
+        with pytest.raises(UserError, match=f"{key}='{target}'"):
+            load_checkpoint(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.pt"]
+
+
+@pytest.mark.parametrize("key, value", [("epoch", "3"), ("step", -1), ("rng", []), ("history", {"a": 1}),
+                                        ("best_acc1", "99"), ("train_totals", 5)])
+def test_edited_resume_state_is_refused(tmp_path, key, value):
+    path = save_checkpoint({**make_state(), key: value}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match=f"cannot be resumed: its {key} entry"):
+        load_checkpoint(path, training=True)
+
+
+def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale = [tmp_path / f".last.pt.{dead}.abcd1234.tmp", tmp_path / ".last.pt.k3j4l5m6.tmp"]
+    live = tmp_path / f".last.pt.{os.getpid()}.zzzz.tmp"  # a save in progress in a running process
+    other = tmp_path / f".best.pt.{dead}.abcd.tmp"  # another file's: its own next save removes it
+    for p in (*stale, live, other):
+        p.write_bytes(b"half")
+    save_checkpoint(make_state(), tmp_path / "last.pt")
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()

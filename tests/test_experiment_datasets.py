@@ -1,11 +1,12 @@
 """experiment/datasets.py: image-folder layout checks and unreadable images, each a UserError that says what to do."""
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT
-from experiment.datasets import load_dataset, report_skipped_images
+from experiment.datasets import holdout_split, load_dataset, report_skipped_images
 from experiment.errors import UserError
 
 
@@ -123,3 +124,76 @@ def test_evaluation_needs_and_reads_only_the_val_split(tmp_path):
     assert data.train is None and len(data.test) == 4 and data.classes == ["cat", "dog"]
     with pytest.raises(UserError, match="cannot read image"):
         load_dataset(folder_cfg(root))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataset.val_split: a validation split held out of the training images
+
+def digits_cfg(**extra):
+    return OmegaConf.merge(OmegaConf.load(ROOT / "configs/dataset/digits.yaml"), extra)
+
+
+def test_holdout_is_stratified_disjoint_and_complete():
+    labels = torch.arange(10).repeat_interleave(torch.arange(10, 20))  # class c has 10 + c images
+    train, val = holdout_split(labels, 0.2)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(labels)))
+    assert torch.bincount(labels[val]).tolist() == [round(0.2 * (10 + c)) for c in range(10)]
+
+
+def test_holdout_depends_on_the_labels_only():
+    labels = torch.arange(5).repeat(30)
+    torch.manual_seed(1)
+    first = holdout_split(labels, 0.1)[1]
+    torch.manual_seed(2)  # another run seed does not move the split
+    assert torch.equal(holdout_split(labels, 0.1)[1], first)
+    assert not torch.equal(holdout_split(labels.roll(1), 0.1)[1], first)
+
+
+@pytest.mark.parametrize("fraction, says", [(1.0, r"in \[0, 1\)"), (-0.1, r"in \[0, 1\)"), ("0.2", r"in \[0, 1\)"),
+                                            (0.01, "leaves some class without|holds out 0")])
+def test_holdout_refuses_unusable_fractions(fraction, says):
+    with pytest.raises(UserError, match=says):
+        holdout_split(torch.arange(3).repeat(10), fraction)
+
+
+def test_digits_validation_images_leave_the_training_set_and_the_test_set_alone():
+    full, split = load_dataset(digits_cfg()), load_dataset(digits_cfg(val_split=0.2))
+    assert not full.has_val and split.has_val
+    assert len(split.val_labels) == 287 and len(split.train_labels) + len(split.val_labels) == len(full.train_labels)
+    assert torch.equal(split.test_images, full.test_images)
+    flat = lambda images: {bytes(x.flatten().tolist()) for x in images}  # noqa: E731
+    assert flat(split.val_images).isdisjoint(flat(split.train_images))
+    assert flat(split.val_images) | flat(split.train_images) == flat(full.train_images)
+    assert load_dataset(digits_cfg(val_split=0.2), train=False).val_labels is None  # eval.py scores the test split
+
+
+def test_folder_validation_split_is_read_like_the_test_split(tmp_path):
+    root = image_tree(tmp_path, per_class=5)
+    data = load_dataset(folder_cfg(root, val_split=0.4))
+    assert len(data.train) == 6 and len(data.val) == 4 and len(data.test) == 10
+    assert {p for p, _ in data.train.samples}.isdisjoint(p for p, _ in data.val.samples)
+    assert sorted(data.val.targets) == [0, 0, 1, 1]
+    assert data.val.transform is data.test.transform and data.train.transform is not data.test.transform
+
+
+@pytest.mark.parametrize("link_to", ["parent", "other class"])
+def test_a_folder_link_that_would_read_images_twice_is_refused(tmp_path, link_to):
+    root = image_tree(tmp_path / "data")
+    target = root / "train" if link_to == "parent" else root / "train" / "dog"
+    (root / "train" / "cat" / "more").symlink_to(target, target_is_directory=True)
+    with pytest.raises(UserError, match="cat/more is a link to .*remove the link"):
+        load_dataset(folder_cfg(root))
+
+
+def test_a_file_link_still_counts_once(tmp_path):
+    root = image_tree(tmp_path / "data")
+    (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")
+    assert len(load_dataset(folder_cfg(root)).train) == 5
+
+
+def test_a_split_with_no_readable_image_is_refused_even_when_skipping(tmp_path):
+    root = image_tree(tmp_path)
+    for p in (root / "val").rglob("*.png"):
+        p.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="none of the 4 images in .*val can be read"):
+        load_dataset(folder_cfg(root, skip_bad_images=True), train=False)

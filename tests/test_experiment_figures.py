@@ -108,3 +108,10 @@ def test_kernel_skeleton_figure_wraps_layers_for_a_tensorboard_card():
     width, height = card.get_size_inches()
     assert width < wide.get_size_inches()[0] / 1.5 and width / height < 2.5
     assert drawn[0].title.get_fontsize() > [ax for ax in wide.axes if ax.images][0].title.get_fontsize()
+
+
+def test_kernel_skeleton_figure_of_a_deep_network_shows_an_even_spread_of_layers():
+    layers = [(f"conv{i}", torch.rand(3, 3)) for i in range(40)]
+    fig = kernel_skeleton_figure({"deep": layers}, max_layers=5)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["conv0", "conv10", "conv20", "conv29", "conv39"]

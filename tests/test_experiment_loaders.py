@@ -89,3 +89,20 @@ def test_batch_mistakes_are_user_errors(images):
         loader(images, batch=25)
     with pytest.raises(UserError, match="does not divide by the 3 processes"):
         loader(images, batch=8, world=3)
+
+
+def test_a_checkpoint_of_other_class_names_is_refused_at_evaluation(tmp_path):
+    from PIL import Image
+
+    from experiment.loaders import checkpoint_test_loader
+
+    for c in ("cat", "dog"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / c / "0.png")
+    dataset = {"name": "folder", "root": str(tmp_path), "image_size": 8, "eval_batch_size": 2, "num_workers": 0,
+               "verify_images": True, "skip_bad_images": False, "mean": [0.5] * 3, "std": [0.5] * 3}
+    ckpt = {"config": {"dataset": dataset}, "num_classes": 2, "classes": ["cat", "dog"]}
+    cfg, classes, _ = checkpoint_test_loader(ckpt, "x.pt", {}, device="cpu")
+    assert classes == ["cat", "dog"]
+    with pytest.raises(UserError, match="x.pt was trained on classes that folder names otherwise .*ant/cat, bee/dog"):
+        checkpoint_test_loader({**ckpt, "classes": ["ant", "bee"]}, "x.pt", {}, device="cpu")

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from experiment.errors import UserError
@@ -63,3 +64,19 @@ def test_weight_decay_skips_batchnorm_and_biases():
     assert bn and bn <= {id(p) for p in no_decay["params"]}
     assert all(p.ndim > 1 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("target", ["torch.optim.SGD", "torch.optim.AdamW"])
+def test_the_two_shipped_optimizer_targets_build(target):
+    opt = build_optimizer(torch.nn.Linear(2, 2), OmegaConf.create({"_target_": target, "lr": 0.1,
+                                                                   "weight_decay": 1e-4}))
+    assert type(opt).__name__ == target.rsplit(".", 1)[1] and opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("target", ["numpy.savez", "os.system", "builtins.eval", "torch.optim.LBFGS"])
+def test_an_optimizer_target_outside_the_registry_never_runs(tmp_path, monkeypatch, target):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"_target_": target, "lr": str(tmp_path / "marker"), "weight_decay": 0.0, "file": "marker"}
+    with pytest.raises(UserError, match="is not an optimizer this repository builds"):
+        build_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert list(tmp_path.iterdir()) == []

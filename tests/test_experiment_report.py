@@ -19,7 +19,8 @@ T975_DF2 = 4.302652729749464  # Student t 97.5% quantile, 2 degrees of freedom (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_run(root, name, model, seed, best, final=None, dataset="cifar10", epochs=3):
+def write_run(root, name, model, seed, best, final=None, dataset="cifar10", epochs=3, test=None):
+    """A run's metrics.json; with `test`, its best.pt was picked on a validation split and scored `test`."""
     run_dir = Path(root, name)
     run_dir.mkdir(parents=True)
     final = best - 0.5 if final is None else final
@@ -28,6 +29,8 @@ def write_run(root, name, model, seed, best, final=None, dataset="cifar10", epoc
                for e in range(1, epochs + 1)]
     metrics = {"model": model, "dataset": dataset, "seed": seed, "epochs": epochs, "best_acc1": best,
                "final_acc1": final, "train_seconds": 3.0, "img_per_s": 1e4, "history": history}
+    if test is not None:
+        metrics.update(test_acc1=test, selected_on="val")
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
 
@@ -54,6 +57,9 @@ def test_baseline_of():
     assert baseline_of("alexnet") is None
     assert baseline_of("alexnet_imagenet") is None
     assert baseline_of("alexnet_acme") is None
+    assert baseline_of("resnet18_ac") == "resnet18"
+    assert baseline_of("mobilenet_v2_ac") == "mobilenet_v2"
+    assert baseline_of("resnet18") is None and baseline_of("_ac") is None
 
 
 def test_load_runs_finds_nested_runs_and_notes_unfinished(sweep, caplog):
@@ -121,7 +127,7 @@ def test_paired_differences_by_hand(sweep):
 def test_verdict_excludes_and_includes_zero(sweep, tmp_path):
     (pair,) = paired_differences(load_runs([sweep]))
     half = T975_DF2 * 0.1 / math.sqrt(3)
-    assert verdict(pair) == f"gain +0.50 points, 95% CI [{0.5 - half:+.2f}, {0.5 + half:+.2f}] over 3 seeds: excludes 0"
+    assert verdict(pair, "best_acc1") == f"gain +0.50 points, 95% CI [{0.5 - half:+.2f}, {0.5 + half:+.2f}] over 3 seeds: excludes 0"
 
     noisy = tmp_path / "noisy"
     for seed, (base, ac) in enumerate([(90.0, 91.0), (90.0, 89.6), (90.0, 90.2)]):
@@ -129,8 +135,8 @@ def test_verdict_excludes_and_includes_zero(sweep, tmp_path):
         write_run(noisy, f"a{seed}", "alexnet_ac", seed, ac)
     (pair,) = paired_differences(load_runs([noisy]))
     assert pair["best_acc1_ci_low"] < 0 < pair["best_acc1_ci_high"]
-    assert verdict(pair).startswith("gain +0.27 points, 95% CI [")
-    assert verdict(pair).endswith("over 3 seeds: includes 0: not shown to be real")
+    assert verdict(pair, "best_acc1").startswith("gain +0.27 points, 95% CI [")
+    assert verdict(pair, "best_acc1").endswith("over 3 seeds: includes 0: not shown to be real")
 
 
 def test_single_pair_has_no_ci(tmp_path):
@@ -140,9 +146,9 @@ def test_single_pair_has_no_ci(tmp_path):
     (pair,) = paired_differences(runs)
     assert pair["n_pairs"] == 1 and pair["best_acc1_diff_mean"] == pytest.approx(-0.5)
     assert math.isnan(pair["best_acc1_diff_std"]) and math.isnan(pair["best_acc1_ci_low"])
-    assert verdict(pair).startswith("loss -0.50 points over 1 seed: no confidence interval")
+    assert verdict(pair, "best_acc1").startswith("loss -0.50 points over 1 seed: no confidence interval")
     markdown = render_markdown(summarize(runs), [pair])
-    assert "| digits | alexnet_ac | alexnet | 1 | -0.50 | n/a | -0.50 | n/a | none |" in markdown
+    assert "| digits | alexnet_ac | alexnet | 1 | -0.50 | n/a | -0.50 | n/a |  | n/a | none |" in markdown
 
 
 def test_ac_without_common_seed_or_baseline(tmp_path):
@@ -152,7 +158,7 @@ def test_ac_without_common_seed_or_baseline(tmp_path):
     (pair,) = paired_differences(load_runs([tmp_path]))
     assert (pair["model"], pair["baseline"], pair["n_pairs"]) == ("alexnet_ac_imagenet", "alexnet_imagenet", 0)
     assert pair["unpaired_ac_seeds"] == [1] and pair["unpaired_baseline_seeds"] == [0]
-    assert verdict(pair) == "no seed was run in both arms: nothing to compare"
+    assert verdict(pair, "best_acc1") == "no seed was run in both arms: nothing to compare"
 
 
 def test_write_report_files(sweep, tmp_path):
@@ -162,7 +168,8 @@ def test_write_report_files(sweep, tmp_path):
     assert "| cifar10 | alexnet | 3 | 90.03 ± 0.15 | 89.53 ± 0.15 |" in markdown
     assert "| cifar10 | alexnet_ac | alexnet | 3 | +0.50 ± 0.10 | [+0.25, +0.75] | +1.00 ± 0.10 |" in markdown
     assert "alexnet_ac: 7 |" in markdown
-    assert "- cifar10, alexnet_ac vs alexnet: gain +0.50 points" in markdown
+    # no validation split: best top-1 was picked on the test split, so the verdict reads the final epoch's
+    assert "- cifar10, alexnet_ac vs alexnet, final top-1: gain +1.00 points" in markdown
 
     with open(out / "report.csv", newline="") as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
@@ -185,7 +192,7 @@ def test_cli_prints_report(sweep, tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiment.report", str(sweep), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "| dataset | model | seeds | best top-1 | final top-1 |" in result.stdout
+    assert "| dataset | model | seeds | best top-1 | final top-1 | test top-1 of best.pt |" in result.stdout
     assert result.stdout == (out / "report.md").read_text()
 
 
@@ -314,3 +321,36 @@ def test_tensorboard_single_seed_has_a_band_of_no_width(tmp_path):
     assert scalar_series(run_dir, "mean_over_seeds/val_acc1_low") == scalar_series(run_dir, "mean_over_seeds/val_acc1") \
         == scalar_series(run_dir, "mean_over_seeds/val_acc1_high") == {1: 87.5, 2: 88.5, 3: 89.5}
     assert not (tmp_path / "out/tensorboard/cifar10/alexnet_ac").exists()
+
+
+def test_verdict_reads_the_test_score_of_a_checkpoint_picked_on_a_validation_split(tmp_path):
+    # best (on val) favours AC by 1 point, final by 2, test by 0.3, 0.1, 0.2: the verdict must read test
+    for seed, test in enumerate((90.0, 90.2, 90.1)):
+        write_run(tmp_path, f"b{seed}", "alexnet", seed, 91.0, final=89.0, test=test)
+        write_run(tmp_path, f"a{seed}", "alexnet_ac", seed, 92.0, final=91.0, test=test + 0.3 - 0.1 * seed)
+    runs = load_runs([tmp_path])
+    (pair,) = paired_differences(runs)
+    assert pair["verdict_metric"] == "test_acc1"
+    assert pair["test_acc1_diff_mean"] == pytest.approx(0.2) and pair["test_acc1_diff_std"] == pytest.approx(0.1)
+    assert verdict(pair) == verdict(pair, "test_acc1") and verdict(pair).startswith("gain +0.20 points, 95% CI [")
+    markdown = render_markdown(summarize(runs), [pair])
+    assert "- cifar10, alexnet_ac vs alexnet, test top-1 of best.pt: gain +0.20 points" in markdown
+    assert "| cifar10 | alexnet | 3 | 91.00 ± 0.00 | 89.00 ± 0.00 | 90.10 ± 0.10 |" in markdown  # every metric stays in the table
+
+
+def test_one_run_selected_on_test_sends_the_verdict_to_the_final_epoch(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, f"b{seed}", "alexnet", seed, 91.0, final=89.0, test=90.0)
+        write_run(tmp_path, f"a{seed}", "alexnet_ac", seed, 92.0, final=89.5, test=None if seed else 90.5)
+    (pair,) = paired_differences(load_runs([tmp_path]))
+    assert pair["verdict_metric"] == "final_acc1" and verdict(pair).startswith("gain +0.50 points")
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), "99"])
+def test_a_run_without_a_finite_accuracy_is_named_not_averaged(sweep, value):
+    bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
+    metrics = json.loads(bad.read_text())
+    metrics["best_acc1"] = value
+    bad.write_text(json.dumps(metrics))  # json writes NaN and Infinity, as Python's json.dumps does
+    with pytest.raises(ValueError, match=f"{bad} has best_acc1={value}, not a finite accuracy"):
+        load_runs([sweep])

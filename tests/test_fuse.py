@@ -49,3 +49,22 @@ def test_onnx_export_is_checked_against_pytorch(trained_runs, tmp_path):
     assert graph.input[0].name == "images" and graph.output[0].name == "logits"
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch dimension
     assert not any(node.op_type == "BatchNormalization" for node in graph.node)
+
+
+def test_out_equal_to_the_input_is_refused_and_the_input_kept(trained_runs, tmp_path):
+    ckpt = trained_runs["alexnet_ac"] / "checkpoints" / "last.pt"
+    before = ckpt.read_bytes()
+    (tmp_path / "alias.pt").symlink_to(ckpt)
+    for out in (ckpt, tmp_path / "alias.pt"):
+        proc = run_script("fuse.py", f"ckpt={ckpt}", f"out={out}", check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: out={out} would overwrite the input")
+    assert ckpt.read_bytes() == before
+
+
+def test_a_failed_check_keeps_the_earlier_verified_onnx_export(trained_runs, tmp_path):
+    ckpt, out = trained_runs["alexnet_ac"] / "checkpoints" / "best.pt", tmp_path / "deploy.pt"
+    run_script("fuse.py", f"ckpt={ckpt}", f"out={out}", "onnx=true")
+    exported = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = run_script("fuse.py", f"ckpt={ckpt}", f"out={out}", "onnx=true", "tolerance=1e-12", check=False)
+    assert proc.returncode == 1 and "NOT exact" in proc.stdout + proc.stderr
+    assert "deploy.onnx" in exported and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == exported

@@ -88,10 +88,24 @@ def test_fused_model_keeps_device_and_dtype():
         assert _rel_err(model(x), fused(x)) <= 1e-12
 
 
-@pytest.mark.parametrize("model", [nn.Linear(2, 2), ACBlock(2, 2, 3)], ids=["linear", "acblock"])
-def test_fuse_model_rejects_other_modules(model):
-    with pytest.raises(TypeError, match="expects an AlexNet or AlexNetAC"):
-        fuse_model(model)
+def test_fuse_model_of_a_module_without_acblocks_is_an_equal_eval_copy():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    _randomise_bn(model)
+    fused = fuse_model(model)
+    assert fused is not model and model.training and not fused.training
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fused.state_dict().items())
+
+
+def test_fuse_model_of_a_bare_acblock_is_its_biased_conv():
+    torch.manual_seed(3)
+    block = ACBlock(2, 4, 3, padding=1, groups=2)
+    _randomise_bn(block)
+    fused = fuse_model(block)
+    assert type(fused) is nn.Conv2d and fused.groups == 2 and fused.bias is not None
+    x = torch.randn(2, 2, 7, 7)
+    with torch.no_grad():
+        assert _rel_err(block.eval()(x), fused(x)) <= 1e-5
 
 
 def test_fuse_conv_bn_matches_conv_then_bn():

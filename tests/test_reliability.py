@@ -108,7 +108,7 @@ def check_interrupted(run_dir, sig, returncode, out, err):
 def test_sigterm_finishes_the_step_saves_and_prints_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
     command = check_interrupted(run_dir, signal.SIGTERM, *interrupt(run_dir, signal.SIGTERM))
-    assert shlex.split(command) == [str(ROOT / "train.py"), f"resume={run_dir / 'checkpoints' / 'last.pt'}"]
+    assert shlex.split(command) == [str(ROOT / "train.py"), f"resume='{run_dir / 'checkpoints' / 'last.pt'}'"]
 
 
 @pytest.fixture(scope="module")
@@ -333,14 +333,53 @@ def test_batch_larger_than_the_dataset(tmp_path):
 
 @pytest.mark.parametrize("override, says", [
     ("trainer.device=gpu", "trainer.device=gpu is not a choice; use auto, cpu or cuda"),
-    ("scheduler.name=bogus", "unknown scheduler 'bogus'"),
-    ("optimizer.lr=-1", "cannot build the optimizer"),
-    ("trainer.eval_every=0", "trainer.eval_every=0 must be a whole number of at least 1"),
+    ("scheduler.name=bogus", "scheduler.name='bogus' is not valid: it must be one of: cosine, onecycle, multistep"),
+    ("optimizer.lr=-1", "optimizer.lr=-1 is not valid"),
+    ("trainer.eval_every=0", "trainer.eval_every=0 is not valid: it must be a whole number of at least 1"),
+    ("seed=abc", "seed='abc' is not valid"),
+    ("optimizer._target_=numpy.savez", "optimizer._target_='numpy.savez' is not valid"),
     ("model.layout=imagenet", "does not fit 32x32 images"),
 ])
 def test_bad_config_values(tmp_path, override, says):
     proc = run_script("train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, says)
+
+
+@pytest.mark.parametrize("script, override, says", [
+    ("fuse.py", "check_batch=0", "check_batch=0 is not valid"), ("fuse.py", "tolerance=abc", "tolerance='abc'"),
+    ("eval.py", "dataset.eval_batch_size=0", "dataset.eval_batch_size=0 is not valid"),
+])
+def test_bad_eval_and_fuse_values(tmp_path, script, override, says):
+    proc = run_script(script, f"ckpt={tmp_path / 'never-read.pt'}", override, check=False)
+    assert_one_error_line(proc, says)
+
+
+@pytest.mark.parametrize("target", ["numpy.savez", "os.system"])
+def test_resuming_a_checkpoint_whose_config_names_code_runs_nothing(trained_runs, tmp_path, target):
+    state = torch.load(trained_runs["alexnet"] / "checkpoints" / "last.pt", weights_only=True)
+    marker = tmp_path / "PWNED"
+    state["config"]["optimizer"] = {"_target_": target, "file": str(marker), "command": f"touch {marker}",
+                                    "lr": 0.1, "weight_decay": 0.0}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "run" / "checkpoints" / "last.pt")
+    proc = run_script("train.py", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", check=False)
+    assert_one_error_line(proc, f"optimizer._target_='{target}'", "is not valid")
+    assert not marker.exists() and not (tmp_path / "run" / "train.log").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    proc = start_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    time.sleep(1.0)  # the entry point is still importing torch and Hydra
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out + err, out + err
+    assert err.strip() == "error: interrupted"
+
+
+def test_run_directory_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'file' / 'run'}", check=False)
+    assert_one_error_line(proc, f"cannot use {tmp_path / 'file' / 'run'} as the run directory")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

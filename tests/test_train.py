@@ -1,4 +1,5 @@
 """train.py end to end on the offline digits data, through the real entry point."""
+import json
 import pickle
 
 import numpy as np
@@ -29,6 +30,8 @@ def test_run_directory_holds_everything(trained_runs):
     assert metrics["best_acc1"] > 50
     assert metrics["best_acc1"] == max(h["val_acc1"] for h in metrics["history"])
     assert metrics["final_acc1"] == metrics["history"][-1]["val_acc1"]
+    # no validation split: best.pt was picked on the test split, and that is its test score
+    assert metrics["selected_on"] == "test" and metrics["test_acc1"] == metrics["best_acc1"]
 
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc1", "rng", "config"} <= ckpt.keys()
@@ -36,6 +39,22 @@ def test_run_directory_holds_everything(trained_runs):
     assert ckpt["config"]["model"]["arch"] == "AlexNetAC"
     best = torch.load(run / "checkpoints/best.pt", weights_only=True)
     assert best["best_acc1"] == metrics["best_acc1"]
+
+
+def test_validation_split_picks_best_pt_and_the_test_split_scores_it_once(tmp_path):
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, "model=alexnet_ac", "dataset.val_split=0.2", "trainer.epochs=2",
+                      f"hydra.run.dir={run}")
+    assert "validation split: 287 held-out training images pick best.pt" in proc.stdout
+    metrics = read_metrics(run)
+    assert metrics["selected_on"] == "val"
+    assert metrics["best_acc1"] == max(h["val_acc1"] for h in metrics["history"])
+    # the per-epoch scores are on 287 images, so multiples of 100/287; the test split has 360
+    assert all(round(h["val_acc1"] * 287 / 100, 6).is_integer() for h in metrics["history"])
+    evaluated = run / "best.eval.json"
+    run_script("eval.py", f"ckpt={run / 'checkpoints/best.pt'}", f"out={evaluated}")
+    report = json.loads(evaluated.read_text())
+    assert report["num_samples"] == 360 and metrics["test_acc1"] == report["acc1"]
 
 
 def test_tensorboard_tags_and_hparams_live_in_the_run_directory(trained_runs):
@@ -47,7 +66,8 @@ def test_tensorboard_tags_and_hparams_live_in_the_run_directory(trained_runs):
         assert tag in tags["scalars"], tag
         assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
     assert set(tags["images"]) == {"images/augmented_batch", "images/kernel_skeleton"}
-    assert [e.step for e in events.Scalars("whole_run/best_acc1")] == [3]
+    for tag in ("whole_run/best_acc1", "whole_run/final_acc1", "whole_run/test_acc1"):
+        assert [e.step for e in events.Scalars(tag)] == [3], tag
     assert not any(tag.startswith("hparam/") for tag in tags["scalars"])
     assert [p for p in run.iterdir() if p.is_dir()] == [run / "checkpoints"]  # no side folder for hparams
     hparams = EventAccumulator(str(run), size_guidance={"tensors": 0})
@@ -58,12 +78,21 @@ def test_tensorboard_tags_and_hparams_live_in_the_run_directory(trained_runs):
     assert start.group_name.startswith("alexnet_digits_")
 
 
+def stretch_to(checkpoint, epochs):
+    """Make a finished run's last.pt look like that of a longer run stopped after its last epoch."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["trainer"]["epochs"] = epochs
+    torch.save(ckpt, checkpoint)
+
+
 def test_same_seed_gives_identical_metrics_and_resume_continues_exactly(tmp_path):
-    # A constant learning rate (multistep without milestones) makes a 2-epoch run the prefix of a 3-epoch one.
+    # A constant learning rate (multistep without milestones) makes a 2-epoch run the prefix of a 3-epoch one,
+    # so its last.pt is what a 3-epoch run leaves after epoch 2.
     common = [*TINY, "model=alexnet_ac", "scheduler=multistep", "scheduler.milestones=[]"]
     run_script("train.py", *common, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'straight'}")
     run_script("train.py", *common, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'resumed'}")
-    proc = run_script("train.py", f"resume={tmp_path / 'resumed/checkpoints/last.pt'}", "trainer.epochs=3")
+    stretch_to(tmp_path / "resumed/checkpoints/last.pt", 3)
+    proc = run_script("train.py", f"resume={tmp_path / 'resumed/checkpoints/last.pt'}")
     assert "resumed from" in proc.stdout and "epoch 3/3" in proc.stdout and "epoch 2/3" not in proc.stdout
 
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")

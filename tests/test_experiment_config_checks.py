@@ -1,0 +1,70 @@
+"""experiment/config_checks.py: every bad config value ends in one line naming the key; a stored config
+names code only from closed lists."""
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT
+from experiment.config_checks import EVAL_RULES, FUSE_RULES, check_code_names, check_train_config, check_values
+from experiment.errors import UserError
+
+
+def train_config(*overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=["dataset=digits", *overrides])
+
+
+def test_the_shipped_configs_pass():
+    for dataset in ("cifar10", "cifar100", "digits", "fake"):
+        for optimizer in ("sgd", "adamw"):
+            check_train_config(train_config(f"dataset={dataset}", f"optimizer={optimizer}"))
+
+
+@pytest.mark.parametrize("override", [
+    "dataset.batch_size=0", "dataset.batch_size=-1", "dataset.batch_size=1.5", "dataset.eval_batch_size=0",
+    "seed=abc", "seed=-1", "dataset.image_size=0", "trainer.label_smoothing=2", "trainer.label_smoothing=1",
+    "trainer.label_smoothing=-0.1", "dataset.crop_padding=-1", "+dataset.num_workers=-1", "trainer.epochs=0",
+    "trainer.eval_every=0", "optimizer.lr=-1", "optimizer.lr=nan", "dataset.hflip=maybe",
+])
+def test_bad_train_values_name_the_key(override):
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(UserError, match=f"^{key}=.* is not valid: it must be "):
+        check_train_config(train_config(override))
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"check_batch": 0, "tolerance": 1e-3}, "check_batch"), ({"check_batch": -1, "tolerance": 1e-3}, "check_batch"),
+    ({"check_batch": 4, "tolerance": "abc"}, "tolerance"), ({"check_batch": 4, "tolerance": -1.0}, "tolerance"),
+])
+def test_bad_fuse_values(cfg, key):
+    with pytest.raises(UserError, match=f"^{key}="):
+        check_values(cfg, FUSE_RULES)
+
+
+def test_eval_overrides_may_be_null_but_not_zero():
+    check_values({"dataset": {"eval_batch_size": None, "num_workers": None}}, EVAL_RULES, allow_null=True)
+    with pytest.raises(UserError, match="dataset.eval_batch_size=0"):
+        check_values({"dataset": {"eval_batch_size": 0}}, EVAL_RULES, allow_null=True)
+
+
+STORED = {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"},
+          "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, "scheduler": {"name": "cosine"}}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer._target_", "os.system"), ("optimizer._target_", "numpy.savez"),
+    ("optimizer._target_", "torch.optim.sgd"), ("model.arch", "os.system"), ("dataset.name", "../../etc"),
+    ("scheduler.name", "builtins.exec"), ("model.arch", None), ("model.name", 3),
+])
+def test_stored_names_that_pick_code_come_from_closed_lists(key, value):
+    section, name = key.split(".")
+    stored = {**STORED, section: {**STORED[section], name: value}}
+    check_code_names(STORED, training=True)
+    with pytest.raises(UserError, match=key):
+        check_code_names(stored, " stored in x.pt", training=True)
+
+
+@pytest.mark.parametrize("section", ["model", "dataset"])
+def test_stored_config_without_a_section(section):
+    stored = {k: v for k, v in STORED.items() if k != section}
+    with pytest.raises(UserError, match=f"has no {section}"):
+        check_code_names(stored)

@@ -83,10 +83,14 @@ def check_code_names(config, where="", training=False):
     """Every config entry that picks code (model class, dataset loader, optimizer, schedule) names one of this
     repository's closed lists; `training` also requires the optimizer and schedule that resuming rebuilds."""
     from experiment.datasets import DATASETS
-    from experiment.models import ARCHITECTURES
+    from experiment.models import ARCHITECTURES, MODEL_SOURCES, torchvision_builders
     from experiment.optim import OPTIMIZERS, SCHEDULES
 
-    needed = [("model.arch", ARCHITECTURES), ("model.name", None), ("dataset.name", DATASETS)]
+    source = OmegaConf.select(config, "model.source") if OmegaConf.is_config(config) else _select(config, "model.source")
+    if source not in (_ABSENT, None, *MODEL_SOURCES):
+        raise UserError(f"model.source={source!r}{where} is not valid: it must be one of: {', '.join(MODEL_SOURCES)}")
+    architectures = torchvision_builders() if source == "torchvision" else ARCHITECTURES
+    needed = [("model.arch", architectures), ("model.name", None), ("dataset.name", DATASETS)]
     if training:
         needed += [("optimizer._target_", OPTIMIZERS), ("scheduler.name", SCHEDULES)]
     for key, choices in needed:

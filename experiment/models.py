@@ -8,6 +8,7 @@ from nets import AlexNet, AlexNetAC, acify
 from experiment.errors import UserError
 
 ARCHITECTURES = {"AlexNet": AlexNet, "AlexNetAC": AlexNetAC}
+MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES above)
 OmegaConf.register_new_resolver("model_run_name", lambda arch, ac: f"{arch}_ac" if ac else arch, replace=True)
 
 

@@ -87,7 +87,7 @@ def test_published_cifar_recipe():
     ac = compose_train("experiment=cifar_acnet", "model=alexnet_ac")
     assert ac.dataset.name == "cifar10" and ac.dataset.batch_size == 128
     assert (ac.optimizer.lr, ac.optimizer.momentum, ac.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
-    assert ac.scheduler.name == "cosine" and ac.scheduler.min_factor == 0
+    assert ac.scheduler.name == "cosine" and ac.scheduler.min_factor == 0 and ac.scheduler.warmup_epochs == 0
     assert ac.model.gamma_init == pytest.approx(1 / 3)
     base = compose_train("experiment=cifar_acnet", "model=alexnet")
     assert "gamma_init" not in base.model

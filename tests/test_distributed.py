@@ -17,7 +17,7 @@ from experiment.datasets import load_dataset
 from experiment.distributed import World, wrap_ddp
 from experiment.errors import UserError
 from experiment.engine import evaluate
-from experiment.loaders import DeviceLoader, FolderLoader, build_loaders
+from experiment.loaders import DeviceLoader, FolderLoader, build_test_loader
 from experiment.models import model_from_checkpoint
 
 
@@ -37,9 +37,10 @@ def torchrun(script, *args, nproc=2, cwd=ROOT, env=None, timeout=300):
 def ddp_run(tmp_path_factory):
     """A 2-process training run started in an empty directory with the default (Hydra-named) run directory;
     the processes' temp folder is a directory of its own, so anything a rank leaves there is seen. Epoch 1
-    saves last.pt without an evaluation, so is not the best: saving stays in step on all ranks."""
+    saves last.pt without an evaluation, so is not the best: saving stays in step on all ranks. A validation
+    split picks best.pt, so both the sharded validation and the final test score are exercised."""
     cwd, scratch = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("scratch")
-    proc = torchrun("train.py", *TINY, "trainer.epochs=2", "trainer.eval_every=2", cwd=cwd,
+    proc = torchrun("train.py", *TINY, "trainer.epochs=2", "trainer.eval_every=2", "dataset.val_split=0.2", cwd=cwd,
                     env={"TMPDIR": str(scratch)})
     runs = list((cwd / "outputs" / "runs").iterdir())
     return cwd, scratch, runs, proc
@@ -62,19 +63,25 @@ def test_two_processes_leave_exactly_one_run_directory(ddp_run):
     assert "2 process(es)" in log
 
 
-def test_validation_counts_every_test_sample_once(ddp_run):
+def test_validation_counts_every_held_out_sample_once_and_the_test_split_scores_best_pt(ddp_run):
     _, _, (run,), _ = ddp_run
     metrics = read_metrics(run)
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     model = model_from_checkpoint(ckpt)
     dataset = OmegaConf.create(ckpt["config"]["dataset"])
-    _, test_loader = build_loaders(load_dataset(dataset), dataset, device=torch.device("cpu"), seed=0)
-    single = evaluate(model, test_loader, num_classes=ckpt["num_classes"], device="cpu", world=World())
-    assert single["num_samples"] == 360
+    data = load_dataset(dataset)
+
+    def one_process(split):
+        loader = build_test_loader(data, dataset, device=torch.device("cpu"), split=split)
+        return evaluate(model, loader, num_classes=ckpt["num_classes"], device="cpu", world=World())
+
+    val, test = one_process("val"), one_process("test")
+    assert (val["num_samples"], test["num_samples"]) == (287, 360)
     last = metrics["history"][-1]
-    assert last["val_acc1"] == pytest.approx(single["acc1"], abs=1e-9) == metrics["final_acc1"]
-    assert last["val_acc5"] == pytest.approx(single["acc5"], abs=1e-9)
-    assert last["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert last["val_acc1"] == pytest.approx(val["acc1"], abs=1e-9) == metrics["final_acc1"] == metrics["best_acc1"]
+    assert last["val_acc5"] == pytest.approx(val["acc5"], abs=1e-9)
+    assert last["val_loss"] == pytest.approx(val["loss"], rel=1e-5)
+    assert metrics["selected_on"] == "val" and metrics["test_acc1"] == pytest.approx(test["acc1"], abs=1e-9)
 
 
 def test_ddp_checkpoint_loads_in_one_process(ddp_run):

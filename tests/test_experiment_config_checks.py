@@ -17,6 +17,20 @@ def test_the_shipped_configs_pass():
     for dataset in ("cifar10", "cifar100", "digits", "fake"):
         for optimizer in ("sgd", "adamw"):
             check_train_config(train_config(f"dataset={dataset}", f"optimizer={optimizer}"))
+    for model in ("alexnet", "alexnet_ac", "alexnet_imagenet", "alexnet_ac_imagenet", "torchvision"):
+        check_train_config(train_config(f"model={model}"))
+
+
+@pytest.mark.parametrize("model, says", [
+    ({"name": "x", "source": "torchvision", "arch": "os.system"}, "model.arch='os.system'"),
+    ({"name": "x", "source": "torchvision", "arch": "AlexNet"}, "model.arch='AlexNet'"),  # not a builder name
+    ({"name": "x", "source": "os", "arch": "system"}, "model.source='os'"),
+    ({"name": "x", "arch": "resnet18"}, "model.arch='resnet18'"),  # a builder only under source: torchvision
+])
+def test_torchvision_names_come_from_torchvision_builders_only(model, says):
+    check_code_names({**STORED, "model": {"name": "x", "source": "torchvision", "arch": "resnet18"}})
+    with pytest.raises(UserError, match=says):
+        check_code_names({**STORED, "model": model})
 
 
 @pytest.mark.parametrize("override", [

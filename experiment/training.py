@@ -40,11 +40,12 @@ def train(cfg, overrides, world, device, run_dir):
     if resume:
         cfg = resumed_config(cfg, resume["config"], overrides)
         check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
-        if resume["epoch"] >= cfg.trainer.epochs:
-            raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
-                            f"epochs): nothing to resume; its results are in {rundir.run_dir_of_checkpoint(cfg.resume)}")
     if world.is_main:
         rundir.claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
+    if resume and resume["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
+                        f"epochs): nothing to resume; its results are in {rundir.run_dir_of_checkpoint(cfg.resume)}")
+    if world.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer

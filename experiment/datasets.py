@@ -263,5 +263,7 @@ def dataset_config(stored, overrides):
             cfg = compose(config_name="train", overrides=[f"dataset={overrides['name']}"]).dataset
         except Exception:
             raise UserError(f"unknown dataset.name={overrides['name']}; choose one of the configs in configs/dataset/") from None
+    if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
+        cfg.download = False
     cfg = OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
     return cfg

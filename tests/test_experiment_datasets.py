@@ -197,3 +197,12 @@ def test_a_split_with_no_readable_image_is_refused_even_when_skipping(tmp_path):
         p.write_bytes(b"not an image")
     with pytest.raises(UserError, match="none of the 4 images in .*val can be read"):
         load_dataset(folder_cfg(root, skip_bad_images=True), train=False)
+
+
+def test_a_checkpoints_config_never_turns_a_download_on():
+    from experiment.datasets import dataset_config
+
+    stored = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/dataset/cifar10.yaml"))
+    stored.update(download=True, root="/somewhere/the/checkpoint/chose")
+    assert dataset_config(stored, {"name": None, "download": None}).download is False
+    assert dataset_config(stored, {"name": None, "download": True}).download is True  # the user's own choice

@@ -88,12 +88,19 @@ def _log_handlers(job_logging, stdout):
     return handlers, conf["root"]["level"]
 
 
-def run_main(script, *overrides, check=True):
+def compose_main(script, *overrides):
+    """The config `python <script> <overrides>` runs with, `hydra` section included, composed by Hydra."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=Path(script).stem):
+        return compose(config_name=Path(script).stem, overrides=list(map(str, overrides)), return_hydra_config=True)
+
+
+def run_main(script, *overrides, check=True, composed=None):
     """`python <script> <overrides>` inside this process, for the tests where no process boundary is under
-    test: Hydra composes the script's config from the same overrides, the run directory is resolved, created
-    and logged to as Hydra's launcher does it, and the script's own `main` (with its error handling) runs on
-    the config. Returns a CompletedProcess: the exit status (0, or that of the SystemExit `main` raised), the
-    console log as stdout, what was printed to stderr. Overrides must be ones a single run accepts (no -m)."""
+    test: Hydra composes the script's config from the same overrides (or `composed` is that config, from
+    `compose_main`), the run directory is resolved, created and logged to as Hydra's launcher does it, and the
+    script's own `main` (with its error handling) runs on the config. Returns a CompletedProcess: the exit
+    status (0, or that of the SystemExit `main` raised), the console log as stdout, what was printed to stderr.
+    Overrides must be ones a single run accepts (no -m)."""
     overrides = list(map(str, overrides))
     main = _entry_point(script)
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -102,9 +109,7 @@ def run_main(script, *overrides, check=True):
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3",
-                                           job_name=Path(script).stem):
-                    cfg = compose(config_name=Path(script).stem, overrides=overrides, return_hydra_config=True)
+                cfg = composed if composed is not None else compose_main(script, *overrides)
                 # as hydra.core.utils.run_job: resolve the run directory, then hand the task the config without
                 # its `hydra` section
                 HydraConfig.instance().set_config(cfg)

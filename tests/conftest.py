@@ -88,9 +88,14 @@ def _log_handlers(job_logging, stdout):
     return handlers, conf["root"]["level"]
 
 
+def _hydra(script):
+    """Hydra set up as `python <script>` sets it up: its config directory, the script's name as the job's."""
+    return initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=Path(script).stem)
+
+
 def compose_main(script, *overrides):
     """The config `python <script> <overrides>` runs with, `hydra` section included, composed by Hydra."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=Path(script).stem):
+    with _hydra(script):
         return compose(config_name=Path(script).stem, overrides=list(map(str, overrides)), return_hydra_config=True)
 
 
@@ -107,9 +112,11 @@ def run_main(script, *overrides, check=True, composed=None):
     root, handlers, returncode = logging.getLogger(), [], 0
     saved = root.handlers[:], root.level, signal.getsignal(signal.SIGINT)
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        # Hydra stays set up while `main` runs, as under @hydra.main (library code may compose a config group)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _hydra(script):
             try:
-                cfg = composed if composed is not None else compose_main(script, *overrides)
+                cfg = composed if composed is not None else compose(
+                    config_name=Path(script).stem, overrides=overrides, return_hydra_config=True)
                 # as hydra.core.utils.run_job: resolve the run directory, then hand the task the config without
                 # its `hydra` section
                 HydraConfig.instance().set_config(cfg)

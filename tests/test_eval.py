@@ -46,7 +46,8 @@ def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
     not_ckpt.write_text("hello")
     for script in ("eval.py", "fuse.py"):
         for ckpt, says in ((tmp_path / "missing.pt", "does not exist"), (not_ckpt, "not a readable PyTorch checkpoint")):
-            proc = run_script(script, f"ckpt={ckpt}", check=False)  # a real process: its exit status
+            # a real process for a missing file (its exit status and stderr), the entry point's main otherwise
+            proc = (run_script if ckpt.name == "missing.pt" else run_main)(script, f"ckpt={ckpt}", check=False)
             assert proc.returncode == 2
             assert proc.stderr.strip().startswith("error:") and says in proc.stderr
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

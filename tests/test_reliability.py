@@ -208,7 +208,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(trained_runs, t
     run_dir = tmp_path / "run"
     shutil.copytree(trained_runs["alexnet"], run_dir)
     before = snapshot(run_dir)
-    proc = run_script("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}", *extra, check=False)
+    proc = run_main("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}", *extra, check=False)
     assert_one_error_line(proc, says)
     assert snapshot(run_dir) == before
 

@@ -1,17 +1,35 @@
-"""Shared helpers: run the entry points as a user would, in a subprocess from the repository root."""
+"""Shared helpers: run the entry points as a user would, either inside the test process (`run_main`: the
+entry point's own `main` on a config composed by Hydra, the way `python <script>` would compose it) or, where a
+process boundary is what is tested (exit on a signal, torchrun, Hydra's own command-line errors), in a real
+subprocess from the repository root (`run_script`, `start_script`)."""
+import contextlib
+import copy
+import functools
+import io
 import json
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict, read_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A network small enough for a CPU test that still learns digits in a few epochs.
-TINY = ["experiment=digits_demo", "model.width=0.125", "model.classifier_width=128", "model.dropout=0",
-        "trainer.progress=false"]
+# A network small enough for a CPU test that still learns digits in a few epochs: configs/experiment/tiny.yaml.
+TINY = ["experiment=tiny"]
+
+# The entry points run with one intra-op thread (script_env); so do the runs inside this process: on a small,
+# shared CPU machine several PyTorch thread pools spinning at once make each step many times slower, and the
+# thread count fixes the float summation order that exact-resume comparisons depend on.
+torch.set_num_threads(1)
 
 
 def script_env(env=None):
@@ -39,6 +57,103 @@ def start_script(script, *overrides, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=script_env(env))
 
 
+@functools.cache
+def _entry_point(script):
+    """The `main` of train.py, eval.py or fuse.py, loaded once. Loading runs the script's top level, which
+    points Ctrl-C at a handler that ends the process: the test process keeps its own."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return runpy.run_path(str(ROOT / script), run_name=f"entry_point_{Path(script).stem}")["main"]
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _log_handlers(job_logging, stdout):
+    """The handlers Hydra's job_logging config (configs/hydra/job_logging/) would install: the console into
+    `stdout`, and the run's log file where the config has one. Built here rather than by logging.config,
+    which would also close the handlers pytest has on the root logger."""
+    conf = OmegaConf.to_container(job_logging, resolve=True)
+    handlers = []
+    for name, spec in conf["handlers"].items():
+        if name not in conf["root"]["handlers"]:
+            continue
+        if spec["class"] == "logging.StreamHandler":
+            handler = logging.StreamHandler(stdout)
+        elif spec["class"] == "logging.FileHandler":
+            handler = logging.FileHandler(spec["filename"], delay=spec.get("delay", False))
+        else:
+            raise NotImplementedError(spec["class"])
+        handler.setFormatter(logging.Formatter(conf["formatters"][spec["formatter"]]["format"]))
+        handlers.append(handler)
+    return handlers, conf["root"]["level"]
+
+
+def _hydra(script):
+    """Hydra set up as `python <script>` sets it up: its config directory, the script's name as the job's."""
+    return initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name=Path(script).stem)
+
+
+def compose_main(script, *overrides):
+    """The config `python <script> <overrides>` runs with, `hydra` section included, composed by Hydra."""
+    with _hydra(script):
+        return compose(config_name=Path(script).stem, overrides=list(map(str, overrides)), return_hydra_config=True)
+
+
+def run_main(script, *overrides, check=True, composed=None):
+    """`python <script> <overrides>` inside this process, for the tests where no process boundary is under
+    test: Hydra composes the script's config from the same overrides (or `composed` is that config, from
+    `compose_main`), the run directory is resolved, created and logged to as Hydra's launcher does it, and the
+    script's own `main` (with its error handling) runs on the config. Returns a CompletedProcess: the exit
+    status (0, or that of the SystemExit `main` raised), the console log as stdout, what was printed to stderr.
+    Overrides must be ones a single run accepts (no -m)."""
+    overrides = list(map(str, overrides))
+    main = _entry_point(script)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    root, handlers, returncode = logging.getLogger(), [], 0
+    saved = root.handlers[:], root.level, signal.getsignal(signal.SIGINT)
+    try:
+        # Hydra stays set up while `main` runs, as under @hydra.main (library code may compose a config group)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _hydra(script):
+            try:
+                cfg = composed if composed is not None else compose(
+                    config_name=Path(script).stem, overrides=overrides, return_hydra_config=True)
+                # as hydra.core.utils.run_job: resolve the run directory, then hand the task the config without
+                # its `hydra` section
+                HydraConfig.instance().set_config(cfg)
+                output_dir = str(cfg.hydra.run.dir)
+                with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+                    cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
+                HydraConfig.instance().set_config(cfg)
+                task_cfg = copy.deepcopy(cfg)
+                with read_write(task_cfg), open_dict(task_cfg):
+                    del task_cfg["hydra"]
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                handlers, level = _log_handlers(cfg.hydra.job_logging, stdout)
+                root.handlers[:] = handlers
+                root.setLevel(level)
+                main(task_cfg)
+            except SystemExit as e:
+                returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for handler in handlers:
+            handler.close()
+        root.handlers[:], level, handler = saved
+        root.setLevel(level)
+        signal.signal(signal.SIGINT, handler)
+        HydraConfig.instance().cfg = None
+        # the run directory's claim goes when train.py's process ends; here the run ends instead
+        from experiment.rundir import CLAIM, release_run_dir
+
+        if "cfg" in locals() and Path(script).stem == "train":
+            with contextlib.suppress(Exception):
+                release_run_dir(Path(cfg.hydra.runtime.output_dir) / CLAIM)
+    proc = subprocess.CompletedProcess([script, *overrides], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} exited {returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def read_metrics(run_dir):
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
@@ -49,6 +164,6 @@ def trained_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("trained")
     runs = {}
     for model in ("alexnet", "alexnet_ac"):
-        run_script("train.py", *TINY, f"model={model}", "trainer.epochs=3", f"hydra.run.dir={base / model}")
+        run_main("train.py", *TINY, f"model={model}", "trainer.epochs=3", f"hydra.run.dir={base / model}")
         runs[model] = base / model
     return runs

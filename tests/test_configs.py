@@ -1,5 +1,6 @@
 """Every config composes, builds what it names, and documents each option."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses)
-from conftest import ROOT
+from conftest import ROOT, TINY, compose_main, run_main
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler, lr_factor
 from nets import ACBlock, AlexNet, AlexNetAC
@@ -99,12 +100,35 @@ def test_published_cifar_recipe():
     assert without_model(ac) == without_model(base)
 
 
-def test_run_directories_are_readable_and_unique():
+def test_run_directories_are_readable_and_unique(tmp_path, monkeypatch):
     cfg = compose_train("model=alexnet", "dataset=digits", "seed=3")
     run_dir = cfg.hydra.run.dir
     assert run_dir.startswith("outputs/") and run_dir.endswith("_alexnet_digits_seed3")
-    assert re.search(r"\d{2}-\d{2}-\d{2}-\d{6}_", run_dir)  # microseconds: runs started in the same second differ
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${model.name}_${dataset.name}_seed${seed}"
+    # Two runs of the same command started in the same second each get a directory of their own. Hydra stamps
+    # a run's start time into its directory name when it resolves that name, the first thing a run does: both
+    # are composed first (the slow part), then started back to back; a slow machine that crosses a second
+    # boundary between them gets another try. Both then claim their directory and write their config there,
+    # and stop (the batch is larger than the data set).
+    command = [*TINY, "model=alexnet", "seed=3", "dataset.batch_size=5000"]
+    for attempt in range(5):
+        cwd = tmp_path / str(attempt)
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)  # the default run directory is relative: outputs/runs/<start time>_...
+        runs = [compose_main("train.py", *command) for _ in range(2)]
+        names = [Path(cfg.hydra.run.dir).name for cfg in runs]  # the start: names resolved, directories made
+        if len({name[:len("2000-01-01_00-00-00")] for name in names}) == 1:
+            break
+    else:
+        pytest.fail("no two runs started within the same second in 5 tries")
+    for cfg in runs:
+        proc = run_main("train.py", *command, composed=cfg, check=False)
+        assert proc.returncode == 2 and "is larger than the 1437 training samples" in proc.stderr, proc.stderr
+    assert names[0] != names[1] and all(name.endswith("_alexnet_digits_seed3") for name in names), names
+    assert sorted(p.name for p in (cwd / "outputs" / "runs").iterdir()) == sorted(names)
+    for name in names:
+        assert (cwd / "outputs" / "runs" / name / "config.yaml").is_file()
+        assert f"run directory: {cwd / 'outputs' / 'runs' / name}" in (cwd / "outputs/runs" / name / "train.log").read_text()
 
 
 def test_resume_sends_the_run_back_to_its_own_directory(tmp_path):

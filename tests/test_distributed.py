@@ -204,8 +204,32 @@ def test_sigterm_under_torchrun_saves_and_stops_every_rank(tmp_path):
     assert ckpt["epoch"] >= 1 and len(ckpt["rng"]) == 2
 
 
-def test_slurm_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+def test_slurm_launcher_config_fits_what_train_py_expects():
+    """configs/hydra/launcher/slurm.yaml without the plugin installed (CI does not install it): it extends the
+    schema of the plugin requirements-cluster.txt installs, asks for one process on one GPU per job (train.py
+    is one process; several GPUs per run go through torchrun), leaves the plugin's early-warning signal before
+    the time limit alone, and that signal (SIGUSR2) stops a run the way Ctrl-C does. With the plugin
+    installed, the config also composes and the plugin checks every knob's name and type."""
+    import signal
+
+    from experiment.interrupt import StopRequest
+
+    launcher = OmegaConf.load(ROOT / "configs" / "hydra" / "launcher" / "slurm.yaml")
+    assert launcher.defaults == ["submitit_slurm"]
+    requirements = (ROOT / "requirements-cluster.txt").read_text().splitlines()
+    assert any(line.startswith("hydra-submitit-launcher") for line in requirements)
+    assert (launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1)
+    assert launcher.timeout_min > 2  # train.py gets the warning 2 minutes before the limit
+    assert not {"signal_delay_s", "max_num_timeout"} & launcher.keys()  # the plugin's defaults: SIGUSR2, 120 s
+    with StopRequest(World(), torch.device("cpu")) as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop() and stop.signal == signal.SIGUSR2 and stop.exit_code == 128 + signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # handed back after the run
+
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
                       return_hydra_config=True)

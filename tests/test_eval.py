@@ -4,15 +4,15 @@ import os
 
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 def test_eval_reports_and_trained_equals_fused(trained_runs, tmp_path):
     best = trained_runs["alexnet_ac"] / "checkpoints/best.pt"
     deploy = tmp_path / "deploy.pt"
-    run_script("fuse.py", f"ckpt={best}", f"out={deploy}")
+    run_main("fuse.py", f"ckpt={best}", f"out={deploy}")
     out = tmp_path / "trained.eval.json"
-    proc = run_script("eval.py", f"ckpt={best}", f"compare={deploy}", f"out={out}")
+    proc = run_main("eval.py", f"ckpt={best}", f"compare={deploy}", f"out={out}")
     report = json.loads(out.read_text())
     assert {"acc1", "acc5", "loss", "num_samples", "per_class_acc1", "img_per_s"} <= report.keys()
     assert report["num_samples"] == 360 and len(report["per_class_acc1"]) == 10
@@ -25,7 +25,7 @@ def test_eval_reports_and_trained_equals_fused(trained_runs, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
     deploy_report = tmp_path / "deploy.eval.json"
-    run_script("eval.py", f"ckpt={deploy}")
+    run_main("eval.py", f"ckpt={deploy}")
     assert json.loads(deploy_report.read_text())["acc1"] == report["acc1"]
 
 
@@ -33,9 +33,9 @@ def test_fused_model_changes_no_prediction_on_cifar_sized_random_images(trained_
     # 10,000 random 32x32 images: far from the training data, full of near-ties, where a fold error would show
     best = trained_runs["alexnet_ac"] / "checkpoints/best.pt"
     deploy = tmp_path / "deploy.pt"
-    run_script("fuse.py", f"ckpt={best}", f"out={deploy}")
+    run_main("fuse.py", f"ckpt={best}", f"out={deploy}")
     out = tmp_path / "fake.eval.json"
-    run_script("eval.py", f"ckpt={best}", f"compare={deploy}", "dataset.name=fake", f"out={out}")
+    run_main("eval.py", f"ckpt={best}", f"compare={deploy}", "dataset.name=fake", f"out={out}")
     report = json.loads(out.read_text())
     assert report["dataset"] == "fake" and report["num_samples"] == 10000
     assert report["compare"]["acc1_difference"] == 0 and report["compare"]["differing_predictions"] == 0
@@ -46,7 +46,8 @@ def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
     not_ckpt.write_text("hello")
     for script in ("eval.py", "fuse.py"):
         for ckpt, says in ((tmp_path / "missing.pt", "does not exist"), (not_ckpt, "not a readable PyTorch checkpoint")):
-            proc = run_script(script, f"ckpt={ckpt}", check=False)
+            # a real process for a missing file (its exit status and stderr), the entry point's main otherwise
+            proc = (run_script if ckpt.name == "missing.pt" else run_main)(script, f"ckpt={ckpt}", check=False)
             assert proc.returncode == 2
             assert proc.stderr.strip().startswith("error:") and says in proc.stderr
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -57,6 +58,6 @@ def test_out_equal_to_the_checkpoint_is_refused_also_as_a_hard_link(trained_runs
     before = ckpt.read_bytes()
     os.link(ckpt, tmp_path / "same.pt")
     for out in (ckpt, tmp_path / "same.pt"):
-        proc = run_script("eval.py", f"ckpt={ckpt}", f"out={out}", check=False)
+        proc = run_main("eval.py", f"ckpt={ckpt}", f"out={out}", check=False)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: out={out} would overwrite the input")
     assert ckpt.read_bytes() == before

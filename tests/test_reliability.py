@@ -1,6 +1,9 @@
-"""Reliability end to end, through the real entry points as subprocesses: interruption and exact resume,
-atomic checkpoints, non-finite losses, checkpoints that carry code, run directories that are never
-overwritten, and every user mistake ending in one `error: ...` line with a non-zero exit and no traceback."""
+"""Reliability end to end, through the entry points: interruption and exact resume, atomic checkpoints,
+non-finite losses, checkpoints that carry code, run directories that are never overwritten, and every user
+mistake ending in one `error: ...` line with a non-zero exit and no traceback. Signals, Hydra's own
+command-line errors and the run directory Hydra creates go through real subprocesses (run_script,
+start_script); the rest runs the entry point's own `main`, error handling included, in this process
+(conftest.run_main)."""
 import re
 import shlex
 import shutil
@@ -14,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, read_metrics, run_script, script_env, start_script
+from conftest import ROOT, TINY, read_metrics, run_main, run_script, script_env, start_script
 
 # digits with batch 16: 89 steps an epoch, so a signal lands mid-epoch; dropout stays on (0.5), so the
 # resumed run also has to restore the random-number state to match.
-INTERRUPTIBLE = ["experiment=digits_demo", "model.width=0.125", "model.classifier_width=32", "trainer.progress=false",
-                 "trainer.epochs=3", "dataset.batch_size=16"]
+INTERRUPTIBLE = [*TINY, "model.classifier_width=32", "model.dropout=0.5", "trainer.epochs=3", "dataset.batch_size=16"]
 TIMING = ("epoch_s", "img_per_s")
 
 
@@ -153,7 +155,7 @@ def test_run_resumed_after_a_signal_ends_exactly_like_an_uninterrupted_one(tmp_p
 ], ids=["first-epoch", "after-a-checkpoint"])
 def test_non_finite_loss_stops_with_epoch_step_and_last_good_checkpoint(tmp_path, blow_up, epoch, good):
     run_dir = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "trainer.epochs=2", *blow_up, f"hydra.run.dir={run_dir}", check=False)
+    proc = run_main("train.py", *TINY, "trainer.epochs=2", *blow_up, f"hydra.run.dir={run_dir}", check=False)
     line = assert_one_error_line(proc, f"non-finite (nan or inf) at epoch {epoch}, step ", good, "optimizer.lr")
     assert not (run_dir / "metrics.json").exists()
     if epoch == 2:
@@ -181,7 +183,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, script
     evil = tmp_path / "downloaded" / "best.pt"
     evil.parent.mkdir()
     torch.save({"model": Payload(marker), "config": {"model": {"arch": "AlexNet"}}, "num_classes": 10}, evil)
-    proc = run_script(script, f"{key}={evil}", check=False)
+    proc = run_main(script, f"{key}={evil}", check=False)
     assert_one_error_line(proc, "refusing to load", "pickled Python objects")
     assert not marker.exists()
 
@@ -193,7 +195,7 @@ def test_a_new_run_never_writes_into_an_existing_run(trained_runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_runs["alexnet"], run_dir)
     before = snapshot(run_dir)
-    proc = run_script("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
     assert_one_error_line(proc, f"{run_dir} already holds a run", f"resume={run_dir / 'checkpoints' / 'last.pt'}")
     assert snapshot(run_dir) == before
 
@@ -206,7 +208,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(trained_runs, t
     run_dir = tmp_path / "run"
     shutil.copytree(trained_runs["alexnet"], run_dir)
     before = snapshot(run_dir)
-    proc = run_script("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}", *extra, check=False)
+    proc = run_main("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}", *extra, check=False)
     assert_one_error_line(proc, says)
     assert snapshot(run_dir) == before
 
@@ -216,7 +218,7 @@ def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
     shutil.copytree(trained_runs["alexnet"], run_dir)
     shutil.copytree(trained_runs["alexnet_ac"], other)
     before, before_other = snapshot(run_dir), snapshot(other)
-    proc = run_script("train.py", f"resume={other / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}",
+    proc = run_main("train.py", f"resume={other / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}",
                       check=False)
     assert_one_error_line(proc, "already holds another run", "leave out hydra.run.dir")
     assert snapshot(run_dir) == before and snapshot(other) == before_other
@@ -246,7 +248,7 @@ def test_unusable_checkpoint_files(tmp_path, script, key, kind):
     if script != "train.py" and kind == "missing":
         pytest.skip("covered for eval.py and fuse.py by tests/test_eval.py")
     path = write_bad_file(tmp_path, kind)
-    proc = run_script(script, f"{key}={path}", check=False)
+    proc = run_main(script, f"{key}={path}", check=False)
     assert_one_error_line(proc, str(path), BAD_FILES[kind])
 
 
@@ -270,52 +272,52 @@ EDITS = {
 @pytest.mark.parametrize("edit", ["wider", "other-arch"])
 def test_checkpoint_whose_weights_do_not_fit_its_config(trained_runs, tmp_path, script, edit):
     path = edited_checkpoint(trained_runs, tmp_path, EDITS[edit])
-    proc = run_script(script, f"ckpt={path}", check=False)
+    proc = run_main(script, f"ckpt={path}", check=False)
     assert_one_error_line(proc, f"the weights in {path} do not fit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]  # nothing written beside it
 
 
 def test_fuse_checkpoint_of_another_class_count(trained_runs, tmp_path):
     path = edited_checkpoint(trained_runs, tmp_path, EDITS["more-classes"])
-    assert_one_error_line(run_script("fuse.py", f"ckpt={path}", check=False), "do not fit")
+    assert_one_error_line(run_main("fuse.py", f"ckpt={path}", check=False), "do not fit")
 
 
 def test_eval_on_a_dataset_with_another_class_count(trained_runs, tmp_path):
     root = png_tree(tmp_path / "data", per_class=2)
-    proc = run_script("eval.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/best.pt'}", "dataset.name=folder",
+    proc = run_main("eval.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/best.pt'}", "dataset.name=folder",
                       f"dataset.root={root}", "dataset.num_workers=0", check=False)
     assert_one_error_line(proc, "predicts 10 classes but dataset folder has 3")
 
 
 @pytest.mark.parametrize("script", ["fuse.py", "eval.py"])
 def test_ckpt_left_out(script):
-    assert_one_error_line(run_script(script, check=False), "ckpt is required; pass ckpt=")
+    assert_one_error_line(run_main(script, check=False), "ckpt is required; pass ckpt=")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
 def test_folder_dataset_root_missing(tmp_path):
-    proc = run_script("train.py", *TINY, *FOLDER, "dataset.root=/nonexistent", f"hydra.run.dir={tmp_path / 'run'}",
+    proc = run_main("train.py", *TINY, *FOLDER, "dataset.root=/nonexistent", f"hydra.run.dir={tmp_path / 'run'}",
                       check=False)
     assert_one_error_line(proc, "dataset root /nonexistent does not exist", "dataset.root")
 
 
 def test_folder_dataset_root_left_out(tmp_path):
-    proc = run_script("train.py", *TINY, "dataset=folder", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_main("train.py", *TINY, "dataset=folder", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, "dataset.root is required")
 
 
 def test_cifar10_not_downloaded_and_download_off(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_script("train.py", "dataset=cifar10", "dataset.download=false", f"dataset.root={tmp_path / 'empty'}",
+    proc = run_main("train.py", "dataset=cifar10", "dataset.download=false", f"dataset.root={tmp_path / 'empty'}",
                       "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, f"cifar10 not found or corrupted in {tmp_path / 'empty'}", "dataset.download=true")
 
 
 def test_folder_with_different_class_lists(tmp_path):
     root = png_tree(tmp_path / "data", classes=("cat", "dog"), val_classes=("cat", "emu"))
-    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+    proc = run_main("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
                       check=False)
     assert_one_error_line(proc, "different classes", "only in train: ['dog']", "only in val: ['emu']")
 
@@ -324,12 +326,12 @@ def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
     root = png_tree(tmp_path / "data")
     bad = root / "train" / "dog" / "9.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
-    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
+    proc = run_main("train.py", *TINY, *FOLDER, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}",
                       check=False)
     assert_one_error_line(proc, f"cannot read image {bad}", "dataset.skip_bad_images=true")
 
     run_dir = tmp_path / "skipping"
-    proc = run_script("train.py", *TINY, *FOLDER, f"dataset.root={root}", "dataset.skip_bad_images=true",
+    proc = run_main("train.py", *TINY, *FOLDER, f"dataset.root={root}", "dataset.skip_bad_images=true",
                       f"hydra.run.dir={run_dir}")
     says = "left out 1 unreadable image(s) of the train split (dataset.skip_bad_images=true)"
     assert says in proc.stdout and says in (run_dir / "train.log").read_text()
@@ -337,7 +339,7 @@ def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
 
 
 def test_batch_larger_than_the_dataset(tmp_path):
-    proc = run_script("train.py", *TINY, "dataset.batch_size=5000", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_main("train.py", *TINY, "dataset.batch_size=5000", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, "dataset.batch_size 5000 is larger than the 1437 training samples")
 
 
@@ -354,7 +356,7 @@ def test_batch_larger_than_the_dataset(tmp_path):
     ("model.layout=imagenet", "does not fit 32x32 images"),
 ])
 def test_bad_config_values(tmp_path, override, says):
-    proc = run_script("train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_main("train.py", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, says)
 
 
@@ -363,7 +365,7 @@ def test_bad_config_values(tmp_path, override, says):
     ("eval.py", "dataset.eval_batch_size=0", "dataset.eval_batch_size=0 is not valid"),
 ])
 def test_bad_eval_and_fuse_values(tmp_path, script, override, says):
-    proc = run_script(script, f"ckpt={tmp_path / 'never-read.pt'}", override, check=False)
+    proc = run_main(script, f"ckpt={tmp_path / 'never-read.pt'}", override, check=False)
     assert_one_error_line(proc, says)
 
 
@@ -375,7 +377,7 @@ def test_resuming_a_checkpoint_whose_config_names_code_runs_nothing(trained_runs
                                     "lr": 0.1, "weight_decay": 0.0}
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     torch.save(state, tmp_path / "run" / "checkpoints" / "last.pt")
-    proc = run_script("train.py", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", check=False)
+    proc = run_main("train.py", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", check=False)
     assert_one_error_line(proc, f"optimizer._target_='{target}'", "is not valid")
     assert not marker.exists() and not (tmp_path / "run" / "train.log").exists()
 
@@ -397,7 +399,7 @@ def test_run_directory_under_a_file(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_cuda(tmp_path):
-    proc = run_script("train.py", *TINY, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_main("train.py", *TINY, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_one_error_line(proc, "trainer.device=cuda but no CUDA device is visible", "trainer.device=cpu")
 
 

@@ -1,4 +1,5 @@
-"""train.py end to end on the offline digits data, through the real entry point."""
+"""train.py end to end on the offline digits data: its own `main` in this process (conftest.run_main), and the
+`-m` sweep through a real `python train.py` subprocess."""
 import json
 import pickle
 
@@ -9,7 +10,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from conftest import ROOT, TINY, read_metrics, run_script
+from conftest import ROOT, TINY, read_metrics, run_main, run_script
 
 TIMING = ("epoch_s", "img_per_s")
 
@@ -43,7 +44,7 @@ def test_run_directory_holds_everything(trained_runs):
 
 def test_validation_split_picks_best_pt_and_the_test_split_scores_it_once(tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, "model=alexnet_ac", "dataset.val_split=0.2", "trainer.epochs=2",
+    proc = run_main("train.py", *TINY, "model=alexnet_ac", "dataset.val_split=0.2", "trainer.epochs=2",
                       f"hydra.run.dir={run}")
     assert "validation split: 287 held-out training images pick best.pt" in proc.stdout
     metrics = read_metrics(run)
@@ -52,7 +53,7 @@ def test_validation_split_picks_best_pt_and_the_test_split_scores_it_once(tmp_pa
     # the per-epoch scores are on 287 images, so multiples of 100/287; the test split has 360
     assert all(round(h["val_acc1"] * 287 / 100, 6).is_integer() for h in metrics["history"])
     evaluated = run / "best.eval.json"
-    run_script("eval.py", f"ckpt={run / 'checkpoints/best.pt'}", f"out={evaluated}")
+    run_main("eval.py", f"ckpt={run / 'checkpoints/best.pt'}", f"out={evaluated}")
     report = json.loads(evaluated.read_text())
     assert report["num_samples"] == 360 and metrics["test_acc1"] == report["acc1"]
 
@@ -89,10 +90,10 @@ def test_same_seed_gives_identical_metrics_and_resume_continues_exactly(tmp_path
     # A constant learning rate (multistep without milestones) makes a 2-epoch run the prefix of a 3-epoch one,
     # so its last.pt is what a 3-epoch run leaves after epoch 2.
     common = [*TINY, "model=alexnet_ac", "scheduler=multistep", "scheduler.milestones=[]"]
-    run_script("train.py", *common, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'straight'}")
-    run_script("train.py", *common, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'resumed'}")
+    run_main("train.py", *common, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'straight'}")
+    run_main("train.py", *common, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'resumed'}")
     stretch_to(tmp_path / "resumed/checkpoints/last.pt", 3)
-    proc = run_script("train.py", f"resume={tmp_path / 'resumed/checkpoints/last.pt'}")
+    proc = run_main("train.py", f"resume={tmp_path / 'resumed/checkpoints/last.pt'}")
     assert "resumed from" in proc.stdout and "epoch 3/3" in proc.stdout and "epoch 2/3" not in proc.stdout
 
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
@@ -121,7 +122,7 @@ def write_image_tree(root, classes=("cat", "dog", "fox"), per_class=4, size=36):
 
 def test_trains_on_an_image_folder(tmp_path):
     write_image_tree(tmp_path / "data")
-    run_script("train.py", *TINY, "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.image_size=32",
+    run_main("train.py", *TINY, "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.image_size=32",
                "dataset.num_workers=0", "dataset.batch_size=4", "dataset.eval_batch_size=5", "trainer.epochs=1",
                f"hydra.run.dir={tmp_path / 'run'}")
     metrics = read_metrics(tmp_path / "run")

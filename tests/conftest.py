@@ -163,7 +163,10 @@ def trained_runs(tmp_path_factory):
     """One tiny trained run per model on digits, shared by the tests that need checkpoints."""
     base = tmp_path_factory.mktemp("trained")
     runs = {}
-    for model in ("alexnet", "alexnet_ac"):
-        run_main("train.py", *TINY, f"model={model}", "trainer.epochs=3", f"hydra.run.dir={base / model}")
+    # The AC run starts from the plain block (branch scales 1): with the default 1/3 this 8-channel network spends
+    # its first two epochs near chance (35.8% after 3), so it could not show that training learns. The default
+    # 1/3 is checked in test_configs.py, and at full width in the README's measurements.
+    for model, options in (("alexnet", []), ("alexnet_ac", ["model.gamma_init=1"])):
+        run_main("train.py", *TINY, f"model={model}", *options, "trainer.epochs=3", f"hydra.run.dir={base / model}")
         runs[model] = base / model
     return runs

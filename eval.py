@@ -16,16 +16,14 @@ from pathlib import Path
 
 import hydra
 
-from experiment.checkpoint import load_checkpoint
-from experiment.config_checks import EVAL_RULES, check_values
-from experiment.deploy import exact_float32
+from experiment.checkpoint import check_outputs, load_checkpoint
+from experiment.config import EVAL_RULES, check_values
+from experiment.data import checkpoint_test_loader
 from experiment.distributed import World, select_device
-from experiment.engine import evaluate
 from experiment.errors import UserError, exit_on_user_error
-from experiment.figures import save_confusion_matrix
-from experiment.loaders import checkpoint_test_loader
-from experiment.models import model_from_checkpoint
-from experiment.outputs import check_outputs
+from experiment.models import exact_float32, model_from_checkpoint
+from experiment.report import save_confusion_matrix
+from experiment.training import evaluate
 from experiment.tracking import write_json
 
 log = logging.getLogger("eval")

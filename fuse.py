@@ -16,15 +16,14 @@ from pathlib import Path
 import hydra
 import torch
 
-from experiment.checkpoint import load_checkpoint, save_checkpoint
+from experiment.checkpoint import check_outputs, load_checkpoint, publish, save_checkpoint, staging_path
 from experiment.complexity import count_macs, count_parameters
-from experiment.config_checks import FUSE_RULES, check_values
-from experiment.deploy import deploy_checkpoint, export_onnx, is_deploy, logit_difference, onnx_logit_difference
+from experiment.config import FUSE_RULES, check_values
+from experiment.data import checkpoint_test_loader
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
-from experiment.loaders import checkpoint_test_loader
-from experiment.models import model_from_checkpoint
-from experiment.outputs import check_outputs, publish, staging_path
+from experiment.models import (deploy_checkpoint, export_onnx, is_deploy, logit_difference, model_from_checkpoint,
+                               onnx_logit_difference)
 from nets import fuse_model
 
 log = logging.getLogger("fuse")

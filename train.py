@@ -11,9 +11,9 @@ interrupt_in_one_line()  # before the slow imports below
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-import experiment.rundir  # noqa: F401  (registers the resolvers configs/train.yaml uses)
+import experiment.checkpoint  # noqa: F401  (registers the resolvers configs/train.yaml uses)
+from experiment.config import check_train_config
 from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
-from experiment.config_checks import check_train_config
 from experiment.errors import exit_on_user_error
 from experiment.training import train
 

@@ -7,10 +7,10 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses)
+import experiment.checkpoint  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT
 from experiment.models import build_model
-from experiment.optim import build_optimizer, build_scheduler, lr_factor
+from experiment.training import build_optimizer, build_scheduler, lr_factor
 from nets import ACBlock, AlexNet, AlexNetAC
 
 CONFIGS = ROOT / "configs"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from experiment.deploy import deploy_checkpoint
+from experiment.models import deploy_checkpoint
 from experiment.errors import UserError
 from experiment.models import build_model, check_input_fits, deploy_config, model_from_checkpoint
 from nets import ACBlock, AlexNet, fuse_model

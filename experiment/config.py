@@ -82,9 +82,9 @@ def check_train_config(cfg, where=""):
 def check_code_names(config, where="", training=False):
     """Every config entry that picks code (model class, dataset loader, optimizer, schedule) names one of this
     repository's closed lists; `training` also requires the optimizer and schedule that resuming rebuilds."""
-    from experiment.datasets import DATASETS
+    from experiment.data import DATASETS
     from experiment.models import ARCHITECTURES, MODEL_SOURCES, torchvision_builders
-    from experiment.optim import OPTIMIZERS, SCHEDULES
+    from experiment.training import OPTIMIZERS, SCHEDULES
 
     source = OmegaConf.select(config, "model.source") if OmegaConf.is_config(config) else _select(config, "model.source")
     if source not in (_ABSENT, None, *MODEL_SOURCES):

@@ -1,0 +1,171 @@
+"""experiment/training.py: an epoch stopped after any step and continued gives the very same result; a
+non-finite loss stops training with the epoch and step, counted as the logs count them; learning-rate schedules
+and weight-decay groups; a resumed run keeps its stored recipe, only harmless trainer options may change."""
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiment.data import DeviceLoader
+from experiment.errors import UserError
+from experiment.models import build_model
+from experiment.training import (NonFiniteLoss, TrainTotals, build_optimizer, build_scheduler, lr_factor,
+                                 parameter_groups, resumed_config, train_one_epoch)
+from nets import AlexNetAC
+
+
+MODEL = OmegaConf.create({"name": "alexnet_ac", "arch": "AlexNetAC", "width": 0.125, "classifier_width": 16,
+                          "dropout": 0.5})  # dropout on: the global RNG matters
+OPTIM = OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4})
+SCHED = OmegaConf.create({"name": "cosine", "warmup_epochs": 0, "warmup_start_factor": 0.1, "min_factor": 0.0})
+
+
+def setup(lr=0.05):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (96,), generator=g)
+    loader = DeviceLoader(images, labels, 8, train=True, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu", seed=3)
+    torch.manual_seed(0)
+    model = build_model(MODEL, 4)
+    optimizer = build_optimizer(model, OmegaConf.merge(OPTIM, {"lr": lr}))
+    scheduler = build_scheduler(optimizer, SCHED, 2, len(loader))
+    torch.manual_seed(1)
+    return model, optimizer, scheduler, loader
+
+
+def stop_after(n):
+    calls = iter(range(10**9))
+    return lambda: next(calls) + 1 >= n
+
+
+@pytest.mark.parametrize("stop_at", [1, 5, 11])
+def test_epoch_stopped_and_continued_equals_one_run(stop_at):
+    model, optimizer, scheduler, loader = setup()
+    straight, _ = train_one_epoch(model, loader, optimizer, scheduler, epoch=0, device="cpu")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, optimizer, scheduler, loader = setup()
+    totals, step = train_one_epoch(model, loader, optimizer, scheduler, epoch=0, device="cpu",
+                                   stop_requested=stop_after(stop_at))
+    assert step == stop_at < len(loader)
+    # what a checkpoint keeps of the totals, through a plain dict
+    totals = TrainTotals(**totals.state_dict())
+    totals, step = train_one_epoch(model, loader, optimizer, scheduler, epoch=0, device="cpu", start_step=step,
+                                   totals=totals)
+    assert step == len(loader)
+    assert (totals.loss_sum, totals.correct, totals.count) == (straight.loss_sum, straight.correct, straight.count)
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_loss_names_epoch_and_step_from_one():
+    model, optimizer, scheduler, loader = setup(lr=1e9)
+    with pytest.raises(NonFiniteLoss) as info:
+        train_one_epoch(model, loader, optimizer, scheduler, epoch=4, device="cpu", log_every=1000)
+    e = info.value
+    assert e.epoch == 4 and 0 < e.step < len(loader)
+    assert str(e) == f"the training loss became non-finite (nan or inf) at epoch 5, step {e.step + 1} of {len(loader)}"
+
+
+def schedule(name, **kw):
+    base = {"name": name, "warmup_epochs": 0, "warmup_start_factor": 0.1, "min_factor": 0.0}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_cosine_runs_from_one_to_min_factor():
+    cfg = schedule("cosine", min_factor=0.1)
+    assert lr_factor(cfg, 0, 100, 10) == 1.0
+    assert lr_factor(cfg, 50, 100, 10) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.1)
+
+
+def test_warmup_is_linear_then_hands_over():
+    cfg = schedule("cosine", warmup_epochs=1, warmup_start_factor=0.2)
+    assert [lr_factor(cfg, s, 100, 10) for s in (0, 5)] == [pytest.approx(0.2), pytest.approx(0.6)]
+    assert lr_factor(cfg, 10, 100, 10) == 1.0
+
+
+def test_onecycle_peaks_at_pct_start():
+    cfg = schedule("onecycle", pct_start=0.25, start_factor=0.04)
+    values = [lr_factor(cfg, s, 100, 10) for s in range(101)]
+    assert values[0] == pytest.approx(0.04) and max(values) == values[25] == 1.0 and values[-1] == pytest.approx(0)
+
+
+def test_multistep_decays_at_fractions():
+    cfg = schedule("multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_factor(cfg, s, 100, 10) for s in (49, 50, 75)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
+def test_unknown_schedule_fails_at_build_time():
+    model = AlexNetAC(width=0.125, classifier_width=8)
+    opt = build_optimizer(model, OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.1, "weight_decay": 0.0}))
+    with pytest.raises(UserError, match="unknown scheduler 'bogus'"):
+        build_scheduler(opt, schedule("bogus"), 2, 10)
+
+
+def test_scheduler_steps_follow_lr_factor():
+    model = AlexNetAC(width=0.125, classifier_width=8)
+    opt = build_optimizer(model, OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.2, "weight_decay": 1e-4}))
+    sched = build_scheduler(opt, schedule("cosine"), epochs=2, steps_per_epoch=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    model = AlexNetAC(width=0.125, classifier_width=8)
+    decay, no_decay = parameter_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    bn = {id(m.weight) for m in model.modules() if "BatchNorm" in type(m).__name__}
+    assert bn and bn <= {id(p) for p in no_decay["params"]}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("target", ["torch.optim.SGD", "torch.optim.AdamW"])
+def test_the_two_shipped_optimizer_targets_build(target):
+    opt = build_optimizer(torch.nn.Linear(2, 2), OmegaConf.create({"_target_": target, "lr": 0.1,
+                                                                   "weight_decay": 1e-4}))
+    assert type(opt).__name__ == target.rsplit(".", 1)[1] and opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("target", ["numpy.savez", "os.system", "builtins.eval", "torch.optim.LBFGS"])
+def test_an_optimizer_target_outside_the_registry_never_runs(tmp_path, monkeypatch, target):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"_target_": target, "lr": str(tmp_path / "marker"), "weight_decay": 0.0, "file": "marker"}
+    with pytest.raises(UserError, match="is not an optimizer this repository builds"):
+        build_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+STORED = {"model": {"name": "alexnet_ac"}, "optimizer": {"lr": 0.1}, "resume": None,
+          "trainer": {"epochs": 30, "device": "cuda", "save_every": 1}}
+
+
+def command_line(**trainer):
+    return OmegaConf.create({**STORED, "resume": "run/checkpoints/last.pt", "trainer": {**STORED["trainer"], **trainer}})
+
+
+def test_trainer_options_other_than_the_length_apply_on_top():
+    cfg = command_line(device="cpu", save_every=5)
+    resumed = resumed_config(cfg, STORED, ["trainer.device=cpu", "trainer.save_every=5"])
+    assert (resumed.trainer.device, resumed.trainer.save_every, resumed.trainer.epochs) == ("cpu", 5, 30)
+    assert resumed.resume == "run/checkpoints/last.pt"
+
+
+def test_another_length_is_refused_since_the_schedule_would_jump():
+    with pytest.raises(UserError, match=r"trainer.epochs=40 differs from the run being resumed \(trainer.epochs was "
+                                        r"30\): its learning-rate schedule spans 30 epochs and would jump"):
+        resumed_config(command_line(epochs=40), STORED, ["trainer.epochs=40"])
+
+
+def test_the_same_length_or_none_given_is_accepted():
+    assert resumed_config(command_line(), STORED, ["trainer.epochs=30"]).trainer.epochs == 30
+    assert resumed_config(command_line(), STORED, []).trainer.epochs == 30
+
+
+def test_changing_the_recipe_is_refused():
+    cfg = OmegaConf.merge(command_line(), {"optimizer": {"lr": 0.2}})
+    with pytest.raises(UserError, match=r"optimizer.lr=0.2 differs from the run being resumed \(optimizer.lr was 0.1\)"):
+        resumed_config(cfg, STORED, ["optimizer.lr=0.2"])

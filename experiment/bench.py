@@ -2,7 +2,7 @@
 
 Everything runs through the library code train.py uses: the models come from `experiment.models.build_model`,
 the batches from `experiment.data.DeviceLoader` over fake uint8 images (random crop, flip and normalisation
-on the device, as for CIFAR), the optimizer and schedule from `experiment.training` with the defaults in
+on the device, as for CIFAR), the optimizer and schedule from `experiment.optim` with the defaults in
 configs/optimizer/sgd.yaml and configs/scheduler/cosine.yaml, and every training step is a step of
 `experiment.training.train_one_epoch`, so the step measured is the step train.py runs (data pipeline included).
 
@@ -38,7 +38,8 @@ from experiment.distributed import select_device
 from experiment.errors import UserError, exit_on_user_error
 from experiment.data import DeviceLoader
 from experiment.models import build_model, logit_difference
-from experiment.training import autocast_context, build_optimizer, build_scheduler, train_one_epoch
+from experiment.optim import build_optimizer, build_scheduler
+from experiment.training import autocast_context, train_one_epoch
 from nets import fuse_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -107,6 +107,36 @@ def link_checkpoint(source, path):
     return path
 
 
+class CheckpointSaver:
+    """The one rule for what a run keeps: last.pt every `save_every` epochs and after the last one; best.pt
+    whenever an epoch scores best so far, as a hard link to last.pt when that is the very same state, else as a
+    write of its own. Only rank 0 writes (`enabled`); the state is built on every rank, since building it
+    gathers their RNG states."""
+
+    def __init__(self, directory, save_every, epochs, enabled=True):
+        self.directory, self.save_every, self.epochs, self.enabled = Path(directory), save_every, epochs, enabled
+
+    def save_epoch(self, epoch, is_best, state):
+        """After epoch `epoch` (counted from 1); `state()` builds the checkpoint when one is due."""
+        save_last = epoch % self.save_every == 0 or epoch == self.epochs
+        if not (save_last or is_best):
+            return
+        state = state()
+        if not self.enabled:
+            return
+        last, best = self.directory / "last.pt", self.directory / "best.pt"
+        if save_last:
+            save_checkpoint(state, last)
+        if is_best and save_last:  # the same state: a second name, not a second write
+            link_checkpoint(last, best)
+        elif is_best:
+            save_checkpoint(state, best)
+
+    def save_interrupted(self, state):
+        """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""
+        return save_checkpoint(state, self.directory / "last.pt") if self.enabled else None
+
+
 def _first_line(error, limit=160):
     lines = str(error).strip().splitlines()
     return (lines[0][:limit] if lines else "") or type(error).__name__

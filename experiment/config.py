@@ -84,7 +84,7 @@ def check_code_names(config, where="", training=False):
     repository's closed lists; `training` also requires the optimizer and schedule that resuming rebuilds."""
     from experiment.data import DATASETS
     from experiment.models import ARCHITECTURES, MODEL_SOURCES, torchvision_builders
-    from experiment.training import OPTIMIZERS, SCHEDULES
+    from experiment.optim import OPTIMIZERS, SCHEDULES
 
     source = OmegaConf.select(config, "model.source") if OmegaConf.is_config(config) else _select(config, "model.source")
     if source not in (_ABSENT, None, *MODEL_SOURCES):

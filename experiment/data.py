@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiment.errors import UserError
+from omegaconf import OmegaConf
+
+from experiment.errors import UserError, choose
 
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "digits", "fake", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -68,11 +69,7 @@ def load_dataset(cfg, train=True):
     """Load the dataset a `dataset/` config describes; `train=False` (evaluation) spares an image folder's
     training split its listing and scan. With `dataset.val_split` > 0 (and `train`), that fraction of the
     training images becomes the validation split (see `holdout_split`)."""
-    loaders = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
-               "folder": _load_folder}
-    if cfg.name not in DATASETS:
-        raise UserError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(loaders)}")
-    data = _load_folder(cfg, train) if cfg.name == "folder" else loaders[cfg.name](cfg)
+    data = choose(DATASETS, cfg.name, "dataset")(cfg, train)
     fraction = cfg.get("val_split") or 0
     return _hold_out(data, fraction) if train and fraction else data
 
@@ -115,7 +112,7 @@ def _hold_out(data, fraction):
     return FolderData(train, data.test, data.classes, val=val)
 
 
-def _load_cifar(cfg):
+def _load_cifar(cfg, train=True):  # one archive holds both splits: `train` saves nothing
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
@@ -141,7 +138,7 @@ def _load_cifar(cfg):
     return TensorData(*to_tensors(train), *to_tensors(test), classes=list(train.classes))
 
 
-def _load_digits(cfg):
+def _load_digits(cfg, train=True):
     """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled: real data that works offline."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -157,7 +154,7 @@ def _load_digits(cfg):
                       classes=[str(d) for d in range(10)])
 
 
-def _load_fake(cfg):
+def _load_fake(cfg, train=True):
     """Random images and labels of a chosen shape, fixed by a seed: for benchmarks and smoke tests."""
     g = torch.Generator().manual_seed(0)
     shape = (3, cfg.image_size, cfg.image_size)
@@ -185,6 +182,12 @@ def _load_folder(cfg, train=True):
         for split in filter(None, splits):
             _drop_unreadable(split, skip=cfg.skip_bad_images)
     return FolderData(*splits, classes)
+
+
+# dataset.name -> loader(dataset config, whether the training split is needed); the small datasets load both
+# splits in one go either way
+DATASETS = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
+            "folder": _load_folder}
 
 
 def check_folder_layout(root, splits=("train", "val")):
@@ -262,20 +265,22 @@ def report_skipped_images(data):
                         len(bad), name, bad[0])
 
 
-def dataset_config(stored, overrides):
-    """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top.
-    Naming another dataset starts from that dataset's config file in configs/dataset/."""
-    from hydra import compose
-    from omegaconf import OmegaConf
-
+def dataset_config(stored, overrides, config_dir):
+    """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top. Naming
+    another dataset starts from its file in `config_dir` (configs/dataset/)."""
     cfg = OmegaConf.create(stored)
-    if overrides.get("name") and overrides["name"] != cfg.name:
-        try:
-            cfg = compose(config_name="train", overrides=[f"dataset={overrides['name']}"]).dataset
-        except Exception:
-            raise UserError(f"unknown dataset.name={overrides['name']}; choose one of the configs in configs/dataset/") from None
-    cfg = OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
-    return cfg
+    name = overrides.get("name")
+    if name and name != cfg.name:
+        choose(DATASETS, name, "dataset.name")
+        cfg = _dataset_file(Path(config_dir), name)
+    return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
+
+
+def _dataset_file(config_dir, name):
+    """configs/dataset/<name>.yaml with the files its `defaults` list names merged below it, as Hydra does."""
+    cfg = OmegaConf.load(config_dir / f"{name}.yaml")
+    bases = [_dataset_file(config_dir, base) for base in cfg.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, cfg)
 
 
 def epoch_generator(seed, epoch):
@@ -425,10 +430,10 @@ def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=
                         **common)
 
 
-def checkpoint_test_loader(ckpt, path, overrides, *, device):
+def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir):
     """The test split of the dataset a checkpoint was trained on, with the non-null dataset `overrides` of
-    eval.py/fuse.py on top: (dataset config, class names, loader)."""
-    cfg = dataset_config(ckpt["config"]["dataset"], overrides)
+    eval.py/fuse.py on top: (dataset config, class names, loader). `config_dir` holds the dataset config files."""
+    cfg = dataset_config(ckpt["config"]["dataset"], overrides, config_dir)
     data = load_dataset(cfg, train=False)
     report_skipped_images(data)
     if len(data.classes) != ckpt["num_classes"]:

@@ -11,13 +11,12 @@ import logging
 import torch
 from omegaconf import OmegaConf
 
-from nets import AlexNet, AlexNetAC, acify
+from nets import AlexNetOptions, acify
 
-from experiment.errors import UserError
+from experiment.errors import UserError, choose
 
 
-ARCHITECTURES = {"AlexNet": AlexNet, "AlexNetAC": AlexNetAC}
-MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES above)
+MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES below)
 OmegaConf.register_new_resolver("model_run_name", lambda arch, ac: f"{arch}_ac" if ac else arch, replace=True)
 
 
@@ -47,18 +46,28 @@ def _torchvision_model(model_cfg, num_classes):
         raise UserError(f"model.kernel_sizes: {e}") from None
 
 
+def _alexnet(model_cfg, num_classes):
+    """AlexNet or AlexNetAC: the config's options, checked as one `nets.AlexNetOptions`."""
+    arch = model_cfg["arch"]
+    options = {k: v for k, v in dict(model_cfg).items() if k not in ("name", "arch")}
+    try:
+        typed = AlexNetOptions(num_classes=num_classes, ac=arch == "AlexNetAC", **options)
+        if extra := sorted(set(options) - set(typed.kwargs())):
+            raise TypeError(f"{arch} has no option {', '.join(extra)}")
+        return typed.build()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {arch} from model options {options}: {e}") from None
+
+
+# model.arch -> builder(model config, number of classes)
+ARCHITECTURES = {"AlexNet": _alexnet, "AlexNetAC": _alexnet}
+
+
 def build_model(model_cfg, num_classes):
     """`model_cfg` is the `model` section of a config: `name`, `arch` and the constructor's options."""
     if model_cfg.get("source") == "torchvision":
         return _torchvision_model(model_cfg, num_classes)
-    options = {k: v for k, v in dict(model_cfg).items() if k not in ("name", "arch")}
-    arch = model_cfg["arch"]
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    try:
-        return ARCHITECTURES[arch](num_classes=num_classes, **options)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {arch} from model options {options}: {e}") from None
+    return choose(ARCHITECTURES, model_cfg["arch"], "model.arch")(model_cfg, num_classes)
 
 
 def deploy_config(model_cfg, fused_model):
@@ -66,8 +75,9 @@ def deploy_config(model_cfg, fused_model):
     name = model_cfg["name"]
     if model_cfg.get("source") == "torchvision":  # the fused model is the builder's own class, without ACBs
         return {**model_cfg, "name": f"{name}_deploy", "ac": False}
-    options = {k: v for k, v in fused_model.config.items() if k != "num_classes"}
-    return {"name": f"{name}_deploy", "arch": type(fused_model).__name__, **options}
+    options = fused_model.options
+    return {"name": f"{name}_deploy", "arch": options.arch,
+            **{k: v for k, v in options.kwargs().items() if k != "num_classes"}}
 
 
 def check_input_fits(model, images, name):
@@ -79,7 +89,7 @@ def check_input_fits(model, images, name):
             model.eval()(images)
     except RuntimeError as e:
         hint = ("the imagenet layout needs at least 63 pixels: use model=alexnet or alexnet_ac for 32-pixel data"
-                if getattr(model, "config", {}).get("layout") == "imagenet" else "use larger images or another model")
+                if getattr(getattr(model, "options", None), "layout", None) == "imagenet" else "use larger images or another model")
         raise UserError(f"model {name} does not fit {images.shape[-2]}x{images.shape[-1]} images "
                         f"({str(e).splitlines()[0][:100]}); {hint}") from None
     finally:

@@ -1,5 +1,5 @@
-"""One training run, start to finish: data, model, optimizer and schedule, the epoch loop, evaluation,
-stop signals, resuming, checkpoints, reports.
+"""One training run, start to finish: data, model, optimizer, the epoch loop, evaluation, stop signals,
+resuming, checkpoints, reports.
 
 train.py calls `train` once per run; it lives here, not in the script, so that launchers that ship the task
 function to another machine (Hydra's SLURM launcher pickles it) reach it by reference.
@@ -7,15 +7,15 @@ function to another machine (Hydra's SLURM launcher pickles it) reach it by refe
 Running sums stay on the device and are read back only for the progress bar and at the end of an epoch,
 so a step never waits for the GPU to finish the one before.
 """
+from __future__ import annotations
+
 import logging
-import math
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -23,68 +23,112 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from experiment.checkpoint import (claim_run_dir, link_checkpoint, load_checkpoint, resume_command, rng_state,
-                                   run_dir_of_checkpoint, save_checkpoint, set_rng_state)
+from experiment.checkpoint import (CheckpointSaver, claim_run_dir, load_checkpoint, resume_command, rng_state,
+                                   run_dir_of_checkpoint, set_rng_state)
 from experiment.complexity import count_parameters
 from experiment.config import check_train_config
 from experiment.data import build_loaders, build_test_loader, load_dataset, report_skipped_images
 from experiment.distributed import World, all_gather_object, all_reduce_sum, local_main_first, unwrap, wrap_ddp
 from experiment.errors import UserError
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
+from experiment.optim import build_optimizer, build_scheduler
 from experiment.tracking import RunTracker, session_group, use_progress_bars, write_json
 
-
 log = logging.getLogger("train")
+
+
+@dataclass
+class Run:
+    """What one training run works with and where it stands: the epoch loop advances it, a checkpoint stores it."""
+
+    cfg: object
+    world: World
+    device: torch.device
+    run_dir: Path
+    data: object
+    train_loader: object
+    val_loader: object
+    model: torch.nn.Module  # the bare model: its state_dict is what checkpoints hold
+    fast_model: torch.nn.Module  # what trains and evaluates: the model under DDP and torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    tracker: RunTracker
+    saver: CheckpointSaver
+    epoch: int = 0
+    step: int = 0  # steps done in epoch `epoch`; non-zero only when resuming an interrupted epoch
+    best_acc1: float | None = None
+    history: list = field(default_factory=list)
+    totals: TrainTotals | None = None
+    seconds_before: float = 0.0  # training time of the run before it was resumed
+    start: float = 0.0  # perf_counter() when this process's epoch loop began
+
+    @property
+    def num_classes(self):
+        return len(self.data.classes)
+
+    def train_seconds(self):
+        return self.seconds_before + time.perf_counter() - self.start
 
 
 def train(cfg, overrides, world, device, run_dir):
     """One training run into `run_dir`: `cfg` is the composed config, `overrides` the command line's
     (needed to resume), `world` the process group (a world of one without torchrun)."""
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    resume = load_checkpoint(cfg.resume, training=True) if cfg.resume else None
-    if resume:
-        cfg = resumed_config(cfg, resume["config"], overrides)
-        check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
-        if resume["epoch"] >= cfg.trainer.epochs:
-            raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
-                            f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
+    cfg, resume = config_of_run(cfg, overrides)
+    run = set_up(cfg, resume, world, device, Path(run_dir))
+    run_epochs(run)
+    if world.is_main:  # what only rank 0 does: score, write metrics.json and the run's summary
+        report(run)
+    run.tracker.close()
+
+
+def config_of_run(cfg, overrides):
+    """(config, checkpoint to resume or None): a resumed run continues with the config stored in its checkpoint."""
+    if not cfg.resume:
+        return cfg, None
+    resume = load_checkpoint(cfg.resume, training=True)
+    cfg = resumed_config(cfg, resume["config"], overrides)
+    check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
+    if resume["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
+                        f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
+    return cfg, resume
+
+
+def set_up(cfg, resume, world, device, run_dir):
+    """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state."""
     if world.is_main:
         claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
-    cuda = device.type == "cuda"
-    if cuda:
+    channels_last = device.type == "cuda" and tc.channels_last
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
-
-    # Data and model
     with local_main_first(world):
         data = load_dataset(cfg.dataset)
     report_skipped_images(data)
-    num_classes = len(data.classes)
     train_loader, test_loader = build_loaders(data, cfg.dataset, device=device, seed=cfg.seed, rank=world.rank,
-                                              world_size=world.size, channels_last=cuda and tc.channels_last)
+                                              world_size=world.size, channels_last=channels_last)
     # With dataset.val_split the epochs are scored, and best.pt picked, on held-out training images; the test
     # split is then touched once, at the end, so its score was not selected on.
     val_loader = build_test_loader(data, cfg.dataset, device=device, rank=world.rank, world_size=world.size,
-                                   channels_last=cuda and tc.channels_last, split="val") if data.has_val else test_loader
+                                   channels_last=channels_last, split="val") if data.has_val else test_loader
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes).to(device)
-    if cuda and tc.channels_last:
+    model = build_model(cfg.model, len(data.classes)).to(device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     check_input_fits(model, next(test_loader.epoch(0))[0][:1], cfg.model.name)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, tc.epochs, len(train_loader))
-    epoch, step, best_acc1, history, totals, seconds_before = 0, 0, None, [], None, 0.0
+    progress = {}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        epoch, step, best_acc1, history = resume["epoch"], resume["step"], resume["best_acc1"], resume["history"]
-        seconds_before = resume.get("train_seconds", 0.0)
-        totals = resumed_totals(resume["train_totals"], world) if step else None
-        log.info("resumed from %s at epoch %d, step %d", cfg.resume, epoch + 1, step)
+        progress = dict(epoch=resume["epoch"], step=resume["step"], best_acc1=resume["best_acc1"],
+                        history=resume["history"], seconds_before=resume.get("train_seconds", 0.0),
+                        totals=resumed_totals(resume["train_totals"], world) if resume["step"] else None)
+        log.info("resumed from %s at epoch %d, step %d", cfg.resume, resume["epoch"] + 1, resume["step"])
     ddp_model = wrap_ddp(model, world, device, sync_bn=tc.sync_bn)
     fast_model = torch.compile(ddp_model, mode=None if tc.compile_mode == "default" else tc.compile_mode) \
         if tc.compile else ddp_model
@@ -93,113 +137,133 @@ def train(cfg, overrides, world, device, run_dir):
         set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
     else:
         torch.manual_seed(cfg.seed + world.rank)
-
-    tracker = RunTracker(run_dir, enabled=world.is_main)
-    bars = use_progress_bars(tc.progress) and world.is_main
-    if world.is_main and epoch == 0 and step == 0:
+    run = Run(cfg, world, device, run_dir, data, train_loader, val_loader, unwrap(ddp_model), fast_model, optimizer,
+              scheduler, RunTracker(run_dir, enabled=world.is_main),
+              CheckpointSaver(run_dir / "checkpoints", tc.save_every, tc.epochs, enabled=world.is_main), **progress)
+    if run.tracker.enabled and run.epoch == 0 and run.step == 0:
         x, _ = next(train_loader.epoch(0))
-        tracker.image_grid("images/augmented_batch", x[:64], cfg.dataset.mean, cfg.dataset.std)
-    hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
-               "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr,
-               "params": count_parameters(model)}
+        run.tracker.image_grid("images/augmented_batch", x[:64], cfg.dataset.mean, cfg.dataset.std)
     log.info("%s on %s: %d parameters, %d classes, %d training steps per epoch, %s, %d process(es)",
-             cfg.model.name, cfg.dataset.name, hparams["params"], num_classes, len(train_loader), device, world.size)
+             cfg.model.name, cfg.dataset.name, count_parameters(model), run.num_classes, len(train_loader), device,
+             world.size)
     if data.has_val:
         log.info("validation split: %d held-out training images pick best.pt; the test split scores it at the end",
                  val_loader.num_samples)
+    return run
 
-    def checkpoint(epoch, step, totals=None):
-        """The state to continue from; on every rank, since it gathers their RNG states and running totals."""
-        return {"model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": None, "epoch": epoch, "step": step,
-                "best_acc1": best_acc1, "history": history, "rng": all_gather_object(rng_state(), world),
-                "train_totals": all_gather_object(totals.state_dict(), world) if totals else None,
-                "train_seconds": seconds_before + time.perf_counter() - start, "num_classes": num_classes,
-                "classes": list(data.classes), "config": OmegaConf.to_container(cfg, resolve=True)}
 
-    # Training
-    start = time.perf_counter()
-    with StopRequest(world, device, every=tc.log_every) as stop, logging_redirect_tqdm():
-        epoch_bar = tqdm(range(epoch, tc.epochs), desc="epochs", initial=epoch, total=tc.epochs, disable=not bars,
-                         dynamic_ncols=True)
+def run_epochs(run):
+    """Train from where `run` stands to the last epoch, evaluating and saving as configured. A stop signal
+    saves last.pt mid-epoch and exits with 128 + the signal number."""
+    tc = run.cfg.trainer
+    bars = use_progress_bars(tc.progress) and run.world.is_main
+    run.start = time.perf_counter()
+    with StopRequest(run.world, run.device, every=tc.log_every) as stop, logging_redirect_tqdm():
+        epoch_bar = tqdm(range(run.epoch, tc.epochs), desc="epochs", initial=run.epoch, total=tc.epochs,
+                         disable=not bars, dynamic_ncols=True)
         for epoch in epoch_bar:
-            batch_bar = tqdm(total=len(train_loader), initial=step, desc=f"epoch {epoch + 1}", leave=False,
-                             disable=not bars, dynamic_ncols=True)
-            try:
-                totals, step = train_one_epoch(
-                    fast_model, train_loader, optimizer, scheduler, epoch=epoch, device=device, amp=tc.amp,
-                    label_smoothing=tc.label_smoothing, start_step=step, totals=totals, stop_requested=stop,
-                    progress=batch_bar if bars else None, log_every=tc.log_every)
-            except NonFiniteLoss as e:
-                last = ckpt_dir / "last.pt"
-                good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or with "
-                                f"scheduler.warmup_epochs=1") from None
-            finally:
-                batch_bar.close()
-            if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
-                state = checkpoint(epoch, step, totals)
-                if world.is_main:
-                    path = save_checkpoint(state, ckpt_dir / "last.pt")
+            run.epoch = epoch
+            train_metrics = train_epoch(run, stop, bars)
+            if train_metrics is None:  # stopped by a signal: save mid-epoch and tell how to continue
+                path = run.saver.save_interrupted(checkpoint_state(run, run.epoch, run.step, run.totals))
+                if path:
                     log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
-                                stop.signal.name, epoch + 1, step, path, resume_command(path))
+                                stop.signal.name, run.epoch + 1, run.step, path, resume_command(path))
                 sys.exit(stop.exit_code)
-            train = reduce_train_totals(totals, device, world)
-            epoch_s, img_per_s = totals.seconds, totals.count * world.size / max(totals.seconds, 1e-9)
-            totals, step = None, 0
-            last_epoch = epoch + 1 == tc.epochs
+            run.totals, run.step = None, 0
+            finished = run.epoch + 1
             val = None
-            if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-                val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
-                               amp=tc.amp)
-            record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc1": train["acc1"],
-                      "lr": optimizer.param_groups[0]["lr"], "epoch_s": epoch_s, "img_per_s": img_per_s}
-            if val:
-                record.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
-            history.append(record)
-            is_best = val is not None and (best_acc1 is None or val["acc1"] > best_acc1)
+            if finished % tc.eval_every == 0 or finished == tc.epochs:
+                val = evaluate(run.fast_model, run.val_loader, num_classes=run.num_classes, device=run.device,
+                               world=run.world, amp=tc.amp)
+            is_best = val is not None and (run.best_acc1 is None or val["acc1"] > run.best_acc1)
             if is_best:
-                best_acc1 = val["acc1"]
-            tracker.scalars({"train/loss": train["loss"], "train/acc1": train["acc1"], "lr": record["lr"],
-                             "perf/img_per_s": img_per_s, "perf/epoch_s": epoch_s,
-                             **({"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"]}
-                                if val else {})}, epoch + 1)
-            log.info(f"epoch {epoch + 1}/{tc.epochs}  train loss {train['loss']:.4f} acc {train['acc1']:.2f}  "
-                     + (f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f}  " if val else "")
-                     + f"{img_per_s:,.0f} img/s  {epoch_s:.1f}s")
-            if best_acc1 is not None:
-                epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
-            save_last = (epoch + 1) % tc.save_every == 0 or last_epoch
-            if save_last or is_best:
-                state = checkpoint(epoch + 1, 0)
-                if world.is_main and save_last:
-                    save_checkpoint(state, ckpt_dir / "last.pt")
-                if world.is_main and is_best and save_last:  # the same state: a link, not a second write
-                    link_checkpoint(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
-                elif world.is_main and is_best:
-                    save_checkpoint(state, ckpt_dir / "best.pt")
+                run.best_acc1 = val["acc1"]
+            record_epoch(run, train_metrics, val)
+            if run.best_acc1 is not None:
+                epoch_bar.set_postfix(best_val_acc1=f"{run.best_acc1:.2f}")
+            run.saver.save_epoch(finished, is_best, lambda: checkpoint_state(run, finished, 0))
         epoch_bar.close()
 
-    # Report
-    train_seconds = seconds_before + time.perf_counter() - start
-    if world.is_main:
-        test_acc1 = score_on_test(ckpt_dir / "best.pt", data, cfg.dataset, device) if data.has_val else best_acc1
-        metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
-                   "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
-                   "test_acc1": test_acc1, "selected_on": "val" if data.has_val else "test",
-                   "best_epoch": next((h["epoch"] for h in history if h.get("val_acc1") == best_acc1), None),
-                   "train_seconds": train_seconds,
-                   "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1), "history": history}
-        write_json(run_dir / "metrics.json", metrics)
-        tracker.scalars({"test/acc1": test_acc1}, tc.epochs)
-        tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
-        log_kernel_skeleton(tracker, unwrap(ddp_model), cfg.model.name)
-        log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "
-                 "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  tensorboard --logdir %s",
-                 metrics["selected_on"], best_acc1 or 0.0, metrics["best_epoch"], metrics["selected_on"],
-                 metrics["final_acc1"] or 0.0, test_acc1 or 0.0, train_seconds, metrics["img_per_s"], run_dir,
-                 ckpt_dir, run_dir.parent)
-    tracker.close()
+
+def train_epoch(run, stop, bars):
+    """Train epoch `run.epoch` from `run.step`; returns its loss, top-1 (over all ranks) and speed, or None when a
+    stop signal ended it early: `run.step` and `run.totals` then say where it stopped."""
+    tc = run.cfg.trainer
+    batch_bar = tqdm(total=len(run.train_loader), initial=run.step, desc=f"epoch {run.epoch + 1}", leave=False,
+                     disable=not bars, dynamic_ncols=True)
+    try:
+        run.totals, run.step = train_one_epoch(
+            run.fast_model, run.train_loader, run.optimizer, run.scheduler, epoch=run.epoch, device=run.device,
+            amp=tc.amp, label_smoothing=tc.label_smoothing, start_step=run.step, totals=run.totals,
+            stop_requested=stop, progress=batch_bar if bars else None, log_every=tc.log_every)
+    except NonFiniteLoss as e:
+        last = run.saver.directory / "last.pt"
+        good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or with "
+                        f"scheduler.warmup_epochs=1") from None
+    finally:
+        batch_bar.close()
+    if run.step < len(run.train_loader):
+        return None
+    totals = run.totals
+    return {**reduce_train_totals(totals, run.device, run.world), "epoch_s": totals.seconds,
+            "img_per_s": totals.count * run.world.size / max(totals.seconds, 1e-9)}
+
+
+def record_epoch(run, train_metrics, val):
+    """Append the finished epoch to the run's history, TensorBoard and log."""
+    tc = run.cfg.trainer
+    epoch = run.epoch + 1
+    record = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_acc1": train_metrics["acc1"],
+              "lr": run.optimizer.param_groups[0]["lr"], "epoch_s": train_metrics["epoch_s"],
+              "img_per_s": train_metrics["img_per_s"]}
+    if val:
+        record.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
+    run.history.append(record)
+    run.tracker.scalars({"train/loss": record["train_loss"], "train/acc1": record["train_acc1"], "lr": record["lr"],
+                         "perf/img_per_s": record["img_per_s"], "perf/epoch_s": record["epoch_s"],
+                         **({"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"]}
+                            if val else {})}, epoch)
+    log.info(f"epoch {epoch}/{tc.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc1']:.2f}  "
+             + (f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f}  " if val else "")
+             + f"{record['img_per_s']:,.0f} img/s  {record['epoch_s']:.1f}s")
+
+
+def checkpoint_state(run, epoch, step, totals=None):
+    """The state to continue from; built on every rank, since it gathers their RNG states and running totals."""
+    world = run.world
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": None, "epoch": epoch, "step": step,
+            "best_acc1": run.best_acc1, "history": run.history, "rng": all_gather_object(rng_state(), world),
+            "train_totals": all_gather_object(totals.state_dict(), world) if totals else None,
+            "train_seconds": run.train_seconds(), "num_classes": run.num_classes,
+            "classes": list(run.data.classes), "config": OmegaConf.to_container(run.cfg, resolve=True)}
+
+
+def report(run):
+    """Rank 0, after the last epoch: metrics.json, TensorBoard's test score, hparams and kernel skeleton, a summary."""
+    cfg, tc, history, best_acc1 = run.cfg, run.cfg.trainer, run.history, run.best_acc1
+    train_seconds = run.train_seconds()
+    best_path = run.saver.directory / "best.pt"
+    test_acc1 = score_on_test(best_path, run.data, cfg.dataset, run.device) if run.data.has_val else best_acc1
+    metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
+               "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
+               "test_acc1": test_acc1, "selected_on": "val" if run.data.has_val else "test",
+               "best_epoch": next((h["epoch"] for h in history if h.get("val_acc1") == best_acc1), None),
+               "train_seconds": train_seconds,
+               "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1), "history": history}
+    write_json(run.run_dir / "metrics.json", metrics)
+    hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
+               "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr, "params": count_parameters(run.model)}
+    run.tracker.scalars({"test/acc1": test_acc1}, tc.epochs)
+    run.tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
+    log_kernel_skeleton(run.tracker, run.model, cfg.model.name)
+    log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "
+             "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  tensorboard --logdir %s",
+             metrics["selected_on"], best_acc1 or 0.0, metrics["best_epoch"], metrics["selected_on"],
+             metrics["final_acc1"] or 0.0, test_acc1 or 0.0, train_seconds, metrics["img_per_s"], run.run_dir,
+             run.saver.directory, run.run_dir.parent)
 
 
 def score_on_test(best_path, data, dataset_cfg, device):
@@ -432,59 +496,3 @@ def resumed_config(cfg, stored, overrides):
                             f"only trainer.* overrides, or start a new run without resume=")
     resumed.resume = cfg.resume
     return resumed
-
-
-def parameter_groups(model, weight_decay):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)  # BN scales/shifts and biases are 1-D
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# A closed registry keyed by the `_target_` the config files name: a checkpoint's stored config must not be
-# able to name any callable (Hydra's instantiate would import and call whatever it names).
-OPTIMIZERS = {"torch.optim.SGD": torch.optim.SGD, "torch.optim.AdamW": torch.optim.AdamW}
-SCHEDULES = ("cosine", "onecycle", "multistep")
-
-
-def build_optimizer(model, cfg):
-    """`cfg` is the `optimizer` config section: `_target_`, one of OPTIMIZERS, and that class's options."""
-    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    target = cfg.pop("_target_", None)
-    if target not in OPTIMIZERS:
-        raise UserError(f"optimizer._target_={target!r} is not an optimizer this repository builds; choose "
-                        f"optimizer=sgd or optimizer=adamw ({', '.join(OPTIMIZERS)})")
-    weight_decay = cfg.pop("weight_decay", 0.0)
-    try:
-        return OPTIMIZERS[target](parameter_groups(model, weight_decay), **cfg)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build the optimizer from {dict(cfg, _target_=target)}: {e}") from None
-
-
-def lr_factor(cfg, step, total_steps, steps_per_epoch):
-    """The factor on the base learning rate at `step` (0-based) of `total_steps`."""
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if cfg.name == "cosine":
-        return cfg.min_factor + (1 - cfg.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.name == "onecycle":
-        # linear ramp up to the peak, then cosine annealing to min_factor (as torch's OneCycleLR)
-        if progress < cfg.pct_start:
-            return cfg.start_factor + (1 - cfg.start_factor) * progress / cfg.pct_start
-        down = (progress - cfg.pct_start) / (1 - cfg.pct_start)
-        return cfg.min_factor + (1 - cfg.min_factor) * 0.5 * (1 + math.cos(math.pi * down))
-    if cfg.name == "multistep":
-        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-    raise UserError(f"unknown scheduler {cfg.name!r}; choose one of: {', '.join(SCHEDULES)}")
-
-
-def build_scheduler(optimizer, cfg, epochs, steps_per_epoch):
-    """A per-step LambdaLR following `lr_factor`; `cfg` is the `scheduler` config section."""
-    total = epochs * steps_per_epoch
-    # a plain namespace: the lambda runs every step, and reading an OmegaConf node costs ~50x more
-    cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
-    lr_factor(cfg, 0, total, steps_per_epoch)  # an unknown name fails here, not after the first epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total, steps_per_epoch))

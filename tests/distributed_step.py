@@ -21,7 +21,7 @@ from experiment import checkpoint  # noqa: E402,F401  (registers the resolvers c
 from experiment.data import build_loaders, load_dataset  # noqa: E402
 from experiment.distributed import all_reduce_sum, cleanup, init_distributed, select_device, wrap_ddp  # noqa: E402
 from experiment.models import build_model  # noqa: E402
-from experiment.training import build_optimizer  # noqa: E402
+from experiment.optim import build_optimizer  # noqa: E402
 
 
 def first_step(overrides, chunks=1):

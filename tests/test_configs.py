@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import experiment.checkpoint  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT
 from experiment.models import build_model
-from experiment.training import build_optimizer, build_scheduler, lr_factor
+from experiment.optim import build_optimizer, build_scheduler, lr_factor
 from nets import ACBlock, AlexNet, AlexNetAC
 
 CONFIGS = ROOT / "configs"
@@ -30,7 +30,7 @@ def test_every_model_config_builds_its_network(model):
     cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16")
     net = build_model(cfg.model, num_classes=10)
     assert isinstance(net, AlexNetAC if "_ac" in model else AlexNet)
-    assert net.config["layout"] == ("imagenet" if model.endswith("imagenet") else "cifar")
+    assert net.options.layout == ("imagenet" if model.endswith("imagenet") else "cifar")
 
 
 @pytest.mark.parametrize("model", [m for m in options("model") if "_ac" in m])

@@ -297,7 +297,8 @@ def test_a_checkpoint_of_other_class_names_is_refused_at_evaluation(tmp_path):
     dataset = {"name": "folder", "root": str(tmp_path), "image_size": 8, "eval_batch_size": 2, "num_workers": 0,
                "verify_images": True, "skip_bad_images": False, "mean": [0.5] * 3, "std": [0.5] * 3}
     ckpt = {"config": {"dataset": dataset}, "num_classes": 2, "classes": ["cat", "dog"]}
-    cfg, classes, _ = checkpoint_test_loader(ckpt, "x.pt", {}, device="cpu")
+    cfg, classes, _ = checkpoint_test_loader(ckpt, "x.pt", {}, device="cpu", config_dir=ROOT / "configs/dataset")
     assert classes == ["cat", "dog"]
     with pytest.raises(UserError, match="x.pt was trained on classes that folder names otherwise .*ant/cat, bee/dog"):
-        checkpoint_test_loader({**ckpt, "classes": ["ant", "bee"]}, "x.pt", {}, device="cpu")
+        checkpoint_test_loader({**ckpt, "classes": ["ant", "bee"]}, "x.pt", {}, device="cpu",
+                               config_dir=ROOT / "configs/dataset")

@@ -163,8 +163,8 @@ def run_epochs(run):
                          disable=not bars, dynamic_ncols=True)
         for epoch in epoch_bar:
             run.epoch = epoch
-            train_metrics = train_epoch(run, stop, bars)
-            if train_metrics is None:  # stopped by a signal: save mid-epoch and tell how to continue
+            record = train_epoch(run, stop, bars)
+            if record is None:  # stopped by a signal: save mid-epoch and tell how to continue
                 path = run.saver.save_interrupted(checkpoint_state(run, run.epoch, run.step, run.totals))
                 if path:
                     log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
@@ -179,7 +179,7 @@ def run_epochs(run):
             is_best = val is not None and (run.best_acc1 is None or val["acc1"] > run.best_acc1)
             if is_best:
                 run.best_acc1 = val["acc1"]
-            record_epoch(run, train_metrics, val)
+            record_epoch(run, record, val)
             if run.best_acc1 is not None:
                 epoch_bar.set_postfix(best_val_acc1=f"{run.best_acc1:.2f}")
             run.saver.save_epoch(finished, is_best, lambda: checkpoint_state(run, finished, 0))
@@ -187,8 +187,8 @@ def run_epochs(run):
 
 
 def train_epoch(run, stop, bars):
-    """Train epoch `run.epoch` from `run.step`; returns its loss, top-1 (over all ranks) and speed, or None when a
-    stop signal ended it early: `run.step` and `run.totals` then say where it stopped."""
+    """Train epoch `run.epoch` from `run.step`; returns its history record (loss and top-1 over all ranks, speed),
+    or None when a stop signal ended it early: `run.step` and `run.totals` then say where it stopped."""
     tc = run.cfg.trainer
     batch_bar = tqdm(total=len(run.train_loader), initial=run.step, desc=f"epoch {run.epoch + 1}", leave=False,
                      disable=not bars, dynamic_ncols=True)
@@ -206,18 +206,15 @@ def train_epoch(run, stop, bars):
         batch_bar.close()
     if run.step < len(run.train_loader):
         return None
-    totals = run.totals
-    return {**reduce_train_totals(totals, run.device, run.world), "epoch_s": totals.seconds,
-            "img_per_s": totals.count * run.world.size / max(totals.seconds, 1e-9)}
+    totals, seconds = reduce_train_totals(run.totals, run.device, run.world), run.totals.seconds
+    return {"epoch": run.epoch + 1, "train_loss": totals["loss"], "train_acc1": totals["acc1"],
+            "lr": run.optimizer.param_groups[0]["lr"], "epoch_s": seconds,
+            "img_per_s": run.totals.count * run.world.size / max(seconds, 1e-9)}
 
 
-def record_epoch(run, train_metrics, val):
-    """Append the finished epoch to the run's history, TensorBoard and log."""
-    tc = run.cfg.trainer
-    epoch = run.epoch + 1
-    record = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_acc1": train_metrics["acc1"],
-              "lr": run.optimizer.param_groups[0]["lr"], "epoch_s": train_metrics["epoch_s"],
-              "img_per_s": train_metrics["img_per_s"]}
+def record_epoch(run, record, val):
+    """Add the finished epoch, its `record` from `train_epoch` and `val` scores, to history, TensorBoard and log."""
+    epoch = record["epoch"]
     if val:
         record.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
     run.history.append(record)
@@ -225,7 +222,7 @@ def record_epoch(run, train_metrics, val):
                          "perf/img_per_s": record["img_per_s"], "perf/epoch_s": record["epoch_s"],
                          **({"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"]}
                             if val else {})}, epoch)
-    log.info(f"epoch {epoch}/{tc.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc1']:.2f}  "
+    log.info(f"epoch {epoch}/{run.cfg.trainer.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc1']:.2f}  "
              + (f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f}  " if val else "")
              + f"{record['img_per_s']:,.0f} img/s  {record['epoch_s']:.1f}s")
 

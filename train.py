@@ -1,4 +1,4 @@
-"""Train AlexNet or AlexNetAC: `python train.py model=alexnet_ac [overrides]`; configs in configs/train.yaml.
+"""Train AlexNet, AlexNetAC or a torchvision classifier: `python train.py model=alexnet_ac [overrides]`; see configs/train.yaml.
 
 One run, one directory (Hydra's run dir): config.yaml, train.log, TensorBoard events, checkpoints/last.pt
 and best.pt, metrics.json. Runs the same under `torchrun --nproc_per_node=N train.py ...`; the run itself is
@@ -8,10 +8,12 @@ from experiment.errors import interrupt_in_one_line
 
 interrupt_in_one_line()  # before the slow imports below
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-import experiment.checkpoint  # noqa: F401  (registers the resolvers configs/train.yaml uses)
+import experiment.checkpoint  # also registers the resolvers configs/train.yaml uses
 from experiment.config import check_train_config
 from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
 from experiment.errors import exit_on_user_error
@@ -32,4 +34,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    experiment.checkpoint.check_run_dir_argument(sys.argv[1:])
     main()

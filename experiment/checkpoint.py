@@ -245,6 +245,26 @@ def _writable_dir(path):
     return str(path)
 
 
+def check_run_dir_argument(argv):
+    """A `hydra.run.dir=...` on the command line replaces the `run_dir` resolver, and Hydra makes that directory
+    before train.py runs, reporting a failure with a traceback: look at its nearest existing folder first, with
+    the usual one line, creating nothing. (A sweep, `-m`, does not use hydra.run.dir.)"""
+    if "-m" in argv or "--multirun" in argv:
+        return
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            path = Path(arg.split("=", 1)[1].strip("'\""))
+            folder = path
+            while not os.path.lexists(folder) and folder != folder.parent:
+                folder = folder.parent
+            problem = ("not a folder" if not folder.is_dir() else
+                       "not writable" if not os.access(folder, os.W_OK | os.X_OK) else None)
+            if problem:
+                print(f"error: cannot use {path} as the run directory ({folder} is {problem}); pass a writable "
+                      f"hydra.run.dir", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+
 def _log_file(path):
     return path if _is_main_process() else os.devnull
 

@@ -88,9 +88,6 @@ def config_of_run(cfg, overrides):
     resume = load_checkpoint(cfg.resume, training=True)
     cfg = resumed_config(cfg, resume["config"], overrides)
     check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
-    if resume["epoch"] >= cfg.trainer.epochs:
-        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
-                        f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
     return cfg, resume
 
 
@@ -98,6 +95,10 @@ def set_up(cfg, resume, world, device, run_dir):
     """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state."""
     if world.is_main:
         claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
+    if resume and resume["epoch"] >= cfg.trainer.epochs:  # after the claim, which refuses another run's directory
+        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
+                        f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
+    if world.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer

@@ -198,6 +198,19 @@ def test_a_new_run_never_writes_into_an_existing_run(trained_runs, tmp_path):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("extra, says", [
+    ([], "is from a finished run (3 of 3 epochs): nothing to resume"),
+    (["trainer.epochs=2"], "trainer.epochs=2 differs from the run being resumed (trainer.epochs was 3)"),
+], ids=["same-length", "shorter"])
+def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(trained_runs, tmp_path, extra, says):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_runs["alexnet"], run_dir)
+    before = snapshot(run_dir)
+    proc = run_script("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}", *extra, check=False)
+    assert_one_error_line(proc, says)
+    assert snapshot(run_dir) == before
+
+
 def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
     run_dir, other = tmp_path / "run", tmp_path / "other"
     shutil.copytree(trained_runs["alexnet"], run_dir)

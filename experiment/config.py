@@ -10,10 +10,10 @@ from experiment.errors import UserError
 _ABSENT = object()
 
 
-def _whole(minimum):
+def _whole(minimum, below=None):
     def check(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-    return check, f"a whole number of at least {minimum}"
+        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum and (below is None or v < below)
+    return check, f"a whole number of at least {minimum}" + (f" and below {below:,}" if below else "")
 
 
 def _number(low, high=math.inf, high_open=False):
@@ -29,7 +29,7 @@ def _boolean():
 
 
 TRAIN_RULES = {
-    "seed": _whole(0),
+    "seed": _whole(0, below=2**32),  # the data order's generator is seeded from seed * 100,003 + epoch
     "dataset.batch_size": _whole(1),
     "dataset.eval_batch_size": _whole(1),
     "dataset.image_size": _whole(1),
@@ -42,8 +42,21 @@ TRAIN_RULES = {
     "trainer.save_every": _whole(1),
     "trainer.log_every": _whole(1),
     "trainer.label_smoothing": _number(0, 1, high_open=True),
+    "trainer.amp": _boolean(),
+    "trainer.channels_last": _boolean(),
+    "trainer.compile": _boolean(),
+    "trainer.progress": _boolean(),
+    "trainer.sync_bn": _boolean(),
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),
+    "optimizer.momentum": _number(0, 1, high_open=True),
+    "optimizer.nesterov": _boolean(),
+    "scheduler.warmup_epochs": _number(0),
+    "scheduler.warmup_start_factor": _number(0, 1),
+    "scheduler.min_factor": _number(0, 1),
+    "scheduler.start_factor": _number(0, 1),
+    "scheduler.pct_start": _number(0, 1, high_open=True),
+    "scheduler.gamma": _number(0),
 }
 
 # eval.py and fuse.py: their own options, and the dataset overrides (null keeps the checkpoint's value)

@@ -273,6 +273,8 @@ def dataset_config(stored, overrides, config_dir):
     if name and name != cfg.name:
         choose(DATASETS, name, "dataset.name")
         cfg = _dataset_file(Path(config_dir), name)
+    if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
+        cfg.download = False
     return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
 
 

@@ -19,6 +19,8 @@ def test_the_shipped_configs_pass():
             check_train_config(train_config(f"dataset={dataset}", f"optimizer={optimizer}"))
     for model in ("alexnet", "alexnet_ac", "alexnet_imagenet", "alexnet_ac_imagenet", "torchvision"):
         check_train_config(train_config(f"model={model}"))
+    for preset in ("scheduler=onecycle", "scheduler=multistep", "experiment=cifar_acnet", "experiment=digits_demo"):
+        check_train_config(train_config(preset))
 
 
 @pytest.mark.parametrize("model, says", [
@@ -38,6 +40,10 @@ def test_torchvision_names_come_from_torchvision_builders_only(model, says):
     "seed=abc", "seed=-1", "dataset.image_size=0", "trainer.label_smoothing=2", "trainer.label_smoothing=1",
     "trainer.label_smoothing=-0.1", "dataset.crop_padding=-1", "+dataset.num_workers=-1", "trainer.epochs=0",
     "trainer.eval_every=0", "optimizer.lr=-1", "optimizer.lr=nan", "dataset.hflip=maybe",
+    # found in the second round: a huge seed overflowed the data-order generator, strings passed as switches
+    "seed=4611686018427387904", "optimizer.momentum=-1", "optimizer.momentum=1.5", "optimizer.nesterov=yes",
+    "trainer.amp=maybe", "trainer.compile=1", "scheduler.warmup_epochs=-1", "scheduler.min_factor=2",
+    "dataset.val_split=1", "dataset.val_split=-0.1",
 ])
 def test_bad_train_values_name_the_key(override):
     key = override.lstrip("+").split("=")[0]

@@ -200,6 +200,15 @@ def test_a_split_with_no_readable_image_is_refused_even_when_skipping(tmp_path):
         load_dataset(folder_cfg(root, skip_bad_images=True), train=False)
 
 
+def test_a_checkpoints_config_never_turns_a_download_on():
+    from experiment.data import dataset_config
+
+    stored = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/dataset/cifar10.yaml"))
+    stored.update(download=True, root="/somewhere/the/checkpoint/chose")
+    assert dataset_config(stored, {"name": None, "download": None}, ROOT / "configs/dataset").download is False
+    assert dataset_config(stored, {"name": None, "download": True}, ROOT / "configs/dataset").download is True  # the user's own choice
+
+
 N, C, H, W = 24, 3, 6, 5
 MEAN, STD = (0.5, 0.25, 0.0), (0.5, 0.5, 1.0)
 

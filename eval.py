@@ -16,18 +16,17 @@ from pathlib import Path
 
 import hydra
 
-from experiment.checkpoint import load_checkpoint
-from experiment.config_checks import EVAL_RULES, check_values
-from experiment.deploy import exact_float32
+from experiment.checkpoint import check_outputs, load_checkpoint
+from experiment.config import EVAL_RULES, check_values
+from experiment.data import checkpoint_test_loader
 from experiment.distributed import World, select_device
-from experiment.engine import evaluate
 from experiment.errors import UserError, exit_on_user_error
-from experiment.figures import save_confusion_matrix
-from experiment.loaders import checkpoint_test_loader
-from experiment.models import model_from_checkpoint
-from experiment.outputs import check_outputs
+from experiment.models import exact_float32, model_from_checkpoint
+from experiment.report import save_confusion_matrix
+from experiment.training import evaluate
 from experiment.tracking import write_json
 
+DATASET_CONFIGS = Path(__file__).resolve().parent / "configs" / "dataset"  # for dataset.name=<another>
 log = logging.getLogger("eval")
 
 
@@ -40,7 +39,8 @@ def main(cfg):
     out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare])
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
-    data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
+    data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device,
+                                                      config_dir=DATASET_CONFIGS)
 
     def run(checkpoint, path, amp):
         return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(classes),

@@ -16,17 +16,17 @@ from pathlib import Path
 import hydra
 import torch
 
-from experiment.checkpoint import load_checkpoint, save_checkpoint
+from experiment.checkpoint import check_outputs, load_checkpoint, publish, save_checkpoint, staging_path
 from experiment.complexity import count_macs, count_parameters
-from experiment.config_checks import FUSE_RULES, check_values
-from experiment.deploy import deploy_checkpoint, export_onnx, is_deploy, logit_difference, onnx_logit_difference
+from experiment.config import FUSE_RULES, check_values
+from experiment.data import checkpoint_test_loader
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
-from experiment.loaders import checkpoint_test_loader
-from experiment.models import model_from_checkpoint
-from experiment.outputs import check_outputs, publish, staging_path
+from experiment.models import (deploy_checkpoint, export_onnx, is_deploy, logit_difference, model_from_checkpoint,
+                               onnx_logit_difference)
 from nets import fuse_model
 
+DATASET_CONFIGS = Path(__file__).resolve().parent / "configs" / "dataset"  # for dataset.name=<another>
 log = logging.getLogger("fuse")
 
 
@@ -47,7 +47,7 @@ def main(cfg):
     fused = fuse_model(model)
 
     # The proof: random input, then a real test batch, in float32.
-    _, _, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
+    _, _, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device, config_dir=DATASET_CONFIGS)
     real, _ = next(loader.epoch(0))
     real = real[:cfg.check_batch]
     noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)

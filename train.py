@@ -13,9 +13,9 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-import experiment.rundir  # noqa: F401  (registers the resolvers configs/train.yaml uses)
+import experiment.checkpoint  # also registers the resolvers configs/train.yaml uses
+from experiment.config import check_train_config
 from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
-from experiment.config_checks import check_train_config
 from experiment.errors import exit_on_user_error
 from experiment.training import train
 
@@ -34,5 +34,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    experiment.rundir.check_run_dir_argument(sys.argv[1:])
+    experiment.checkpoint.check_run_dir_argument(sys.argv[1:])
     main()

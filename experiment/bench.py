@@ -1,10 +1,10 @@
 """Training and inference speed of AlexNet (BN baseline) versus AlexNetAC: `python -m experiment.bench`.
 
 Everything runs through the library code train.py uses: the models come from `experiment.models.build_model`,
-the batches from `experiment.loaders.DeviceLoader` over fake uint8 images (random crop, flip and normalisation
+the batches from `experiment.data.DeviceLoader` over fake uint8 images (random crop, flip and normalisation
 on the device, as for CIFAR), the optimizer and schedule from `experiment.optim` with the defaults in
 configs/optimizer/sgd.yaml and configs/scheduler/cosine.yaml, and every training step is a step of
-`experiment.engine.train_one_epoch`, so the step measured is the step train.py runs (data pipeline included).
+`experiment.training.train_one_epoch`, so the step measured is the step train.py runs (data pipeline included).
 
 Measured, each the median of `--repeats` timed runs after `--warmup` steps:
   train    images/s of a training step (forward, backward, SGD, schedule, running loss/accuracy sums) for the
@@ -35,12 +35,11 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiment.distributed import select_device
-from experiment.deploy import logit_difference
-from experiment.engine import autocast_context, train_one_epoch
 from experiment.errors import UserError, exit_on_user_error
-from experiment.loaders import DeviceLoader
-from experiment.models import build_model
+from experiment.data import DeviceLoader
+from experiment.models import build_model, logit_difference
 from experiment.optim import build_optimizer, build_scheduler
+from experiment.training import autocast_context, train_one_epoch
 from nets import fuse_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

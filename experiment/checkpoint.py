@@ -1,20 +1,37 @@
-"""Checkpoints: plain containers only, written atomically, read with `weights_only=True`.
+"""Checkpoints, run directories and output files: what a run and the tools around it write, and where.
 
-A checkpoint is a dict with `model` (state_dict), `config` (the resolved run config as plain containers,
-enough to rebuild the model), and for training checkpoints `optimizer`, `scheduler`, `scaler`, `epoch`
-(epochs completed), `step` (steps done in the epoch after that, non-zero only for an interrupted run),
-`best_acc1`, `history` and `rng`. Deploy checkpoints carry `deploy: True` instead of training state.
+A checkpoint is a dict of plain containers, written atomically and read with `weights_only=True`: `model`
+(state_dict), `config` (the resolved run config as plain containers, enough to rebuild the model), and for
+training checkpoints `optimizer`, `scheduler`, `scaler`, `epoch` (epochs completed), `step` (steps done in
+the epoch after that, non-zero only for an interrupted run), `best_acc1`, `history` and `rng`. Deploy
+checkpoints carry `deploy: True` instead of training state.
+
+A run directory belongs to one run, never shared, agreed on by every torchrun process. Hydra names it
+(configs/train.yaml); two resolvers used there make it safe: `run_dir` sends a resumed run back to its own
+directory, and gives processes other than rank 0 a private scratch directory (they learn rank 0's over the
+process group), so a torchrun job leaves exactly one run directory; `log_file` keeps those processes out of
+the run's log.
+
+eval.py, fuse.py and the bench write never onto one of their inputs, never into a place that cannot hold
+the file, never half a file (`atomic_write`).
 """
+import atexit
 import glob
 import os
 import pickle
+import re
+import shlex
+import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from experiment.errors import UserError
+
 
 # What train.py needs besides `model` and `config` to continue a run.
 TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "best_acc1", "history", "rng", "train_totals")
@@ -90,6 +107,36 @@ def link_checkpoint(source, path):
     return path
 
 
+class CheckpointSaver:
+    """The one rule for what a run keeps: last.pt every `save_every` epochs and after the last one; best.pt
+    whenever an epoch scores best so far, as a hard link to last.pt when that is the very same state, else as a
+    write of its own. Only rank 0 writes (`enabled`); the state is built on every rank, since building it
+    gathers their RNG states."""
+
+    def __init__(self, directory, save_every, epochs, enabled=True):
+        self.directory, self.save_every, self.epochs, self.enabled = Path(directory), save_every, epochs, enabled
+
+    def save_epoch(self, epoch, is_best, state):
+        """After epoch `epoch` (counted from 1); `state()` builds the checkpoint when one is due."""
+        save_last = epoch % self.save_every == 0 or epoch == self.epochs
+        if not (save_last or is_best):
+            return
+        state = state()
+        if not self.enabled:
+            return
+        last, best = self.directory / "last.pt", self.directory / "best.pt"
+        if save_last:
+            save_checkpoint(state, last)
+        if is_best and save_last:  # the same state: a second name, not a second write
+            link_checkpoint(last, best)
+        elif is_best:
+            save_checkpoint(state, best)
+
+    def save_interrupted(self, state):
+        """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""
+        return save_checkpoint(state, self.directory / "last.pt") if self.enabled else None
+
+
 def _first_line(error, limit=160):
     lines = str(error).strip().splitlines()
     return (lines[0][:limit] if lines else "") or type(error).__name__
@@ -132,7 +179,7 @@ def load_checkpoint(path, map_location="cpu", training=False):
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
         raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
-    from experiment.config_checks import check_code_names
+    from experiment.config import check_code_names
 
     check_code_names(ckpt["config"], f" stored in {path}", training=training)
     if training:
@@ -172,3 +219,203 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _is_main_process():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_dir(resume, new_dir):
+    if not _is_main_process():
+        return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
+    return _writable_dir(run_dir_of_checkpoint(resume) if resume else new_dir)
+
+
+def _writable_dir(path):
+    """Hydra creates the run directory and its log before train.py runs, and reports a failure there with a
+    traceback: so the check happens here, when Hydra asks for the directory, with the usual one line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable (a read-only file system, or no permission)")
+    except OSError as e:
+        print(f"error: cannot use {path} as the run directory ({e.strerror or e}); pass a writable "
+              f"hydra.run.dir", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return str(path)
+
+
+def check_run_dir_argument(argv):
+    """A `hydra.run.dir=...` on the command line replaces the `run_dir` resolver, and Hydra makes that directory
+    before train.py runs, reporting a failure with a traceback: look at its nearest existing folder first, with
+    the usual one line, creating nothing. (A sweep, `-m`, does not use hydra.run.dir.)"""
+    if "-m" in argv or "--multirun" in argv:
+        return
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            path = Path(arg.split("=", 1)[1].strip("'\""))
+            folder = path
+            while not os.path.lexists(folder) and folder != folder.parent:
+                folder = folder.parent
+            problem = ("not a folder" if not folder.is_dir() else
+                       "not writable" if not os.access(folder, os.W_OK | os.X_OK) else None)
+            if problem:
+                print(f"error: cannot use {path} as the run directory ({folder} is {problem}); pass a writable "
+                      f"hydra.run.dir", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+
+def _log_file(path):
+    return path if _is_main_process() else os.devnull
+
+
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("log_file", _log_file, replace=True)
+
+
+def run_dir_of_checkpoint(path):
+    """<run>/checkpoints/last.pt -> <run>"""
+    path = Path(path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def check_run_dir_free(run_dir, resuming=None):
+    """A run never writes into a directory that already holds a run, unless it is resuming that very run.
+    `resuming`: the path of the checkpoint a resumed run continues from; None for a new run."""
+    run_dir = Path(run_dir)
+    taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists()
+    if not taken or (resuming and run_dir.resolve() == run_dir_of_checkpoint(resuming)):
+        return
+    if resuming:
+        raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
+                        f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
+    raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
+                    f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+
+
+CLAIM = ".run.lock"
+
+
+def claim_run_dir(run_dir, resuming=None):
+    """Make `run_dir` this process's: refuse a directory that holds another run (see `check_run_dir_free`) or
+    that a running train.py has claimed. The claim is a file holding `pid host`, created atomically; it goes
+    when this process exits, and one left by a killed process of this machine no longer counts."""
+    run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, resuming)
+    lock = run_dir / CLAIM
+    tmp = run_dir / f"{CLAIM}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # atomic and exclusive: fails when the claim exists; never half-written
+                break
+            except FileExistsError:
+                owner = _claim_owner(lock)
+                if owner is not None:
+                    raise UserError(f"{run_dir} is in use by a running train.py (process {owner[0]} on "
+                                    f"{owner[1]}); wait for it to end or choose another hydra.run.dir (if no "
+                                    f"run is active there, delete {lock})") from None
+                lock.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot claim {run_dir} as the run directory ({e.strerror or e}); pass a writable "
+                        f"hydra.run.dir") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    atexit.register(release_run_dir, lock)
+    for name in ("last.pt", "best.pt"):  # what a killed save left behind
+        remove_stale_temporaries(run_dir / "checkpoints" / name)
+    return lock
+
+
+def release_run_dir(lock):
+    if _claim_owner(lock, mine=True) is not None:
+        Path(lock).unlink(missing_ok=True)
+
+
+def _claim_owner(lock, mine=False):
+    """(pid, host) of a live claim, or None when it is stale: its process no longer runs on this machine, or
+    (`mine=False`) it is this process's own. `mine=True`: (pid, host) only when it is this process's."""
+    try:
+        pid, host = Path(lock).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    here = host == socket.gethostname()
+    if mine:
+        return (pid, host) if here and pid == os.getpid() else None
+    if here and (pid == os.getpid() or not pid_alive(pid)):
+        return None
+    return pid, host
+
+
+def hydra_quote(value):
+    """`value` as a single-quoted Hydra override value: Hydra's grammar stops unquoted values at `,` `'` `[`
+    `=` spaces and non-ASCII letters. Inside quotes only a quote and the backslashes right before a quote (or
+    the closing one) are escapes."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
+
+
+def resume_command(checkpoint):
+    """The command line that continues a run from `checkpoint` (which holds the run's whole config)."""
+    # train.py as it was typed, so the command works from the same directory (under a launcher such as submitit,
+    # whose own script is argv[0], its absolute path); quoted, since paths may hold spaces
+    script = sys.argv[0]
+    if Path(script).name != "train.py":
+        script = str(Path(__file__).resolve().parents[1] / "train.py")
+    return shlex.join([script, f"resume={hydra_quote(checkpoint)}"])
+
+
+def check_outputs(outputs, inputs, option="out"):
+    """Refuse, before any work, `outputs` (paths, None skipped) that would replace an input (the same file by
+    name, through a symbolic link or as a hard link), that coincide, or whose folder cannot be made or written.
+    `option` is the setting the user changes to fix it. Returns the outputs as Paths."""
+    outputs = [Path(p).expanduser() for p in outputs if p is not None]
+    inputs = [Path(p).expanduser() for p in inputs if p is not None]
+    for i, out in enumerate(outputs):
+        for other in inputs + outputs[:i]:
+            if _same_file(out, other):
+                what = "the input" if other in inputs else "another output,"
+                raise UserError(f"{option}={out} would overwrite {what} {other}; pass another {option}=")
+        _check_folder(out, option)
+    return outputs
+
+
+def _same_file(a, b):
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links: two names, one file
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_folder(path, option):
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is a file, not a folder; pass another {option}=")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {folder} is not writable (a read-only file system, or no "
+                        f"permission); pass an {option}= in a writable folder")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")
+
+
+def staging_path(path):
+    """A temporary name beside `path` for a file written by other code (e.g. the ONNX exporter), moved onto
+    `path` by `publish` only once every check passed; a killed writer's leftover is removed at the next
+    write of `path` (`experiment.checkpoint.remove_stale_temporaries`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.staged.tmp")
+
+
+def publish(staged, path):
+    try:
+        os.replace(staged, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or fix permissions") from None
+    return Path(path)

@@ -9,6 +9,14 @@ class UserError(Exception):
     """A problem the user can fix: a bad path, a missing dataset, a bad config value."""
 
 
+def choose(registry, name, what, message=None):
+    """`registry[name]`, for a config value that picks code from one of this repository's closed lists; else a
+    UserError (`message`, or one that names the option `what` and lists the choices)."""
+    if isinstance(name, str) and name in registry:
+        return registry[name]
+    raise UserError(message or f"unknown {what} {name!r}; choose one of: {', '.join(registry)}")
+
+
 def exit_on_user_error(main):
     """Wrap an entry point: a UserError, a GPU out-of-memory or a required config value left out becomes
     one `error: ...` line on stderr and exit status 2; a Ctrl-C that reaches it, `error: interrupted` and 130."""

@@ -1,14 +1,22 @@
-"""Build a network from its config. A closed registry, not `hydra.utils.instantiate`: a model is rebuilt from
-the config stored in a checkpoint, and a downloaded checkpoint must not be able to name any callable."""
+"""Networks from their config, and from a trained model to a deployable one.
+
+A closed registry, not `hydra.utils.instantiate`: a model is rebuilt from the config stored in a checkpoint,
+and a downloaded checkpoint must not be able to name any callable. Deploying fuses, proves the fusion exact
+and exports to ONNX.
+"""
+import contextlib
+import copy
+import logging
+
 import torch
 from omegaconf import OmegaConf
 
-from nets import AlexNet, AlexNetAC, acify
+from nets import AlexNetOptions, acify
 
-from experiment.errors import UserError
+from experiment.errors import UserError, choose
 
-ARCHITECTURES = {"AlexNet": AlexNet, "AlexNetAC": AlexNetAC}
-MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES above)
+
+MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES below)
 OmegaConf.register_new_resolver("model_run_name", lambda arch, ac: f"{arch}_ac" if ac else arch, replace=True)
 
 
@@ -38,18 +46,28 @@ def _torchvision_model(model_cfg, num_classes):
         raise UserError(f"model.kernel_sizes: {e}") from None
 
 
+def _alexnet(model_cfg, num_classes):
+    """AlexNet or AlexNetAC: the config's options, checked as one `nets.AlexNetOptions`."""
+    arch = model_cfg["arch"]
+    options = {k: v for k, v in dict(model_cfg).items() if k not in ("name", "arch")}
+    try:
+        typed = AlexNetOptions(num_classes=num_classes, ac=arch == "AlexNetAC", **options)
+        if extra := sorted(set(options) - set(typed.kwargs())):
+            raise TypeError(f"{arch} has no option {', '.join(extra)}")
+        return typed.build()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {arch} from model options {options}: {e}") from None
+
+
+# model.arch -> builder(model config, number of classes)
+ARCHITECTURES = {"AlexNet": _alexnet, "AlexNetAC": _alexnet}
+
+
 def build_model(model_cfg, num_classes):
     """`model_cfg` is the `model` section of a config: `name`, `arch` and the constructor's options."""
     if model_cfg.get("source") == "torchvision":
         return _torchvision_model(model_cfg, num_classes)
-    options = {k: v for k, v in dict(model_cfg).items() if k not in ("name", "arch")}
-    arch = model_cfg["arch"]
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown model.arch {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    try:
-        return ARCHITECTURES[arch](num_classes=num_classes, **options)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {arch} from model options {options}: {e}") from None
+    return choose(ARCHITECTURES, model_cfg["arch"], "model.arch")(model_cfg, num_classes)
 
 
 def deploy_config(model_cfg, fused_model):
@@ -57,8 +75,9 @@ def deploy_config(model_cfg, fused_model):
     name = model_cfg["name"]
     if model_cfg.get("source") == "torchvision":  # the fused model is the builder's own class, without ACBs
         return {**model_cfg, "name": f"{name}_deploy", "ac": False}
-    options = {k: v for k, v in fused_model.config.items() if k != "num_classes"}
-    return {"name": f"{name}_deploy", "arch": type(fused_model).__name__, **options}
+    options = fused_model.options
+    return {"name": f"{name}_deploy", "arch": options.arch,
+            **{k: v for k, v in options.kwargs().items() if k != "num_classes"}}
 
 
 def check_input_fits(model, images, name):
@@ -70,7 +89,7 @@ def check_input_fits(model, images, name):
             model.eval()(images)
     except RuntimeError as e:
         hint = ("the imagenet layout needs at least 63 pixels: use model=alexnet or alexnet_ac for 32-pixel data"
-                if getattr(model, "config", {}).get("layout") == "imagenet" else "use larger images or another model")
+                if getattr(getattr(model, "options", None), "layout", None) == "imagenet" else "use larger images or another model")
         raise UserError(f"model {name} does not fit {images.shape[-2]}x{images.shape[-1]} images "
                         f"({str(e).splitlines()[0][:100]}); {hint}") from None
     finally:
@@ -87,3 +106,69 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         raise UserError(f"the weights in {path} do not fit the {ckpt['config']['model'].get('arch')} its config "
                         f"describes ({detail}); the file was edited or written by other code") from None
     return model
+
+
+def is_deploy(ckpt):
+    return bool(ckpt.get("deploy"))
+
+
+def deploy_checkpoint(ckpt, fused_model, source):
+    """The deploy checkpoint: the fused weights and the config that rebuilds them, no training state."""
+    config = copy.deepcopy(ckpt["config"])
+    config["model"] = deploy_config(config["model"], fused_model)
+    return {"model": fused_model.state_dict(), "config": config, "num_classes": ckpt["num_classes"],
+            "classes": ckpt.get("classes"), "deploy": True, "source": str(source), "epoch": ckpt.get("epoch")}
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """True float32 arithmetic on CUDA: PyTorch runs cuDNN convolutions in TF32 by default, whose ~1e-3
+    relative error would hide (or fake) a difference between a model and its fusion."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def compare_logits(reference, other):
+    """Max absolute and relative (to the largest |reference logit|) difference and argmax agreement."""
+    reference, other = reference.float().cpu(), other.float().cpu()
+    abs_diff = (reference - other).abs().max().item()
+    return {"max_abs": abs_diff, "max_rel": abs_diff / max(reference.abs().max().item(), 1e-12),
+            "argmax_agree": (reference.argmax(1) == other.argmax(1)).float().mean().item(),
+            "num_samples": len(reference)}
+
+
+@torch.no_grad()
+def logit_difference(model_a, model_b, images):
+    with exact_float32():
+        return compare_logits(model_a.eval()(images), model_b.eval()(images))
+
+
+def export_onnx(model, example, path):
+    """Export with a dynamic batch dimension."""
+    from torch.export import Dim
+
+    for name in ("onnxscript", "onnx_ir"):  # their optimiser narrates each pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=({0: Dim("batch")},), external_data=False,
+                          verbose=False)
+    except ImportError as e:
+        raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install -r requirements.txt") from None
+    return path
+
+
+def onnx_logit_difference(path, model, images):
+    """Run the exported file with onnxruntime on `images`; compare with PyTorch as `logit_difference` does."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("checking the ONNX export needs onnxruntime; pip install -r requirements.txt") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
+    with torch.no_grad():
+        return compare_logits(model.eval()(images), onnx_logits)

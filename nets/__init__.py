@@ -2,7 +2,7 @@
 
 from .acb import ACBlock
 from .acify import acify
-from .alexnet import AlexNet, AlexNetAC
+from .alexnet import AlexNet, AlexNetAC, AlexNetOptions
 from .fusion import fuse_model
 
-__all__ = ["ACBlock", "acify", "AlexNet", "AlexNetAC", "fuse_model"]
+__all__ = ["ACBlock", "acify", "AlexNet", "AlexNetAC", "AlexNetOptions", "fuse_model"]

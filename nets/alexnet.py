@@ -1,6 +1,7 @@
 """AlexNet with plain conv(+BN) blocks, and AlexNetAC with every conv an ACBlock."""
 
 from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -16,22 +17,58 @@ LAYOUTS = {
 POOL_AFTER = (1, 2, 5)
 
 
+@dataclass(frozen=True)
+class AlexNetOptions:
+    """Everything that defines a network of the AlexNet family, as one value: a model keeps its own as
+    ``model.options``, ``build()`` makes a fresh one and ``deploy()`` gives the options of its fused form."""
+
+    num_classes: int = 10
+    layout: str = "cifar"
+    width: float = 1.0
+    classifier_width: int = 4096
+    dropout: float = 0.5
+    ac: bool = False  # every conv an ACBlock (AlexNetAC) instead of conv(+BN) (AlexNet)
+    bn: bool = True  # AlexNet: BN after each conv; False is the deploy form (biased convs). ACBlocks always have BN
+    gamma_init: float | None = None  # AlexNetAC: initial BN scale of the three branches (None: 1)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0, got {self.width}")
+        if self.ac and not self.bn:
+            raise ValueError("AlexNetAC has no bn option: its ACBlocks always have BN (bn=False is AlexNet's deploy form)")
+        if not self.ac and self.gamma_init is not None:
+            raise ValueError("gamma_init sets the branch BN scales of ACBlocks: an option of AlexNetAC, not AlexNet")
+
+    @property
+    def arch(self):
+        return "AlexNetAC" if self.ac else "AlexNet"
+
+    def kwargs(self):
+        """The keyword arguments of the class `arch` names: without the other class's option."""
+        other = "bn" if self.ac else "gamma_init"
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ac", other)}
+
+    def build(self):
+        return (AlexNetAC if self.ac else AlexNet)(**self.kwargs())
+
+    def deploy(self):
+        """The fused form: plain biased convs, no BN, the same topology and classifier."""
+        return replace(self, ac=False, bn=False, gamma_init=None)
+
+
 class _AlexNetBase(nn.Module):
     """The AlexNet topology shared by all variants; ``conv_block`` makes the conv(+norm) of a stage."""
 
-    def __init__(self, conv_block, num_classes, layout, width, classifier_width, dropout):
+    def __init__(self, conv_block, options):
         super().__init__()
-        # the constructor's options, so fuse_model can build the deploy twin; subclasses add their own
-        self.config = dict(num_classes=num_classes, layout=layout, width=width, classifier_width=classifier_width,
-                           dropout=dropout)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
-        if width <= 0:
-            raise ValueError(f"width must be > 0, got {width}")
+        self.options = options
+        num_classes, width, dropout = options.num_classes, options.width, options.dropout
         channels = [max(1, round(c * width)) for c in CHANNELS]
         layers = OrderedDict()
         in_channels = 3
-        for i, (out_channels, (k, s, p)) in enumerate(zip(channels, LAYOUTS[layout]), start=1):
+        for i, (out_channels, (k, s, p)) in enumerate(zip(channels, LAYOUTS[options.layout]), start=1):
             layers[f"conv{i}"] = nn.Sequential(
                 OrderedDict(conv_block(in_channels, out_channels, k, s, p) + [("relu", nn.ReLU(inplace=True))])
             )
@@ -42,12 +79,12 @@ class _AlexNetBase(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(6)
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(in_channels * 6 * 6, classifier_width),
+            nn.Linear(in_channels * 6 * 6, options.classifier_width),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Linear(classifier_width, classifier_width),
+            nn.Linear(options.classifier_width, options.classifier_width),
             nn.ReLU(inplace=True),
-            nn.Linear(classifier_width, num_classes),
+            nn.Linear(options.classifier_width, num_classes),
         )
         for m in self.modules():
             # BatchNorm keeps PyTorch's default (weight 1, bias 0) so ACBlock's gamma_init survives.
@@ -78,8 +115,7 @@ class AlexNet(_AlexNetBase):
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=not bn)
             return [("conv", conv), ("bn", nn.BatchNorm2d(cout))] if bn else [("conv", conv)]
 
-        super().__init__(conv_block, num_classes, layout, width, classifier_width, dropout)
-        self.config["bn"] = bn
+        super().__init__(conv_block, AlexNetOptions(num_classes, layout, width, classifier_width, dropout, bn=bn))
 
 
 class AlexNetAC(_AlexNetBase):
@@ -91,5 +127,5 @@ class AlexNetAC(_AlexNetBase):
         def conv_block(cin, cout, k, s, p):
             return [("conv", ACBlock(cin, cout, k, stride=s, padding=p, gamma_init=gamma_init))]
 
-        super().__init__(conv_block, num_classes, layout, width, classifier_width, dropout)
-        self.config["gamma_init"] = gamma_init
+        super().__init__(conv_block, AlexNetOptions(num_classes, layout, width, classifier_width, dropout, ac=True,
+                                                    gamma_init=gamma_init))

@@ -11,7 +11,7 @@ from torch import nn
 
 from .acb import ACBlock, fuse_conv_bn
 from .acify import conv_options
-from .alexnet import AlexNet, AlexNetAC
+from .alexnet import AlexNet, AlexNetAC, AlexNetOptions
 
 __all__ = ["fuse_conv_bn", "fuse_model", "reparameterize"]
 
@@ -62,16 +62,15 @@ def _restore_convs(model: nn.Module) -> nn.Module:
     return model
 
 
-def _as_deploy_alexnet(model: nn.Module, config: dict) -> AlexNet:
+def _as_deploy_alexnet(model: nn.Module, options: AlexNetOptions) -> AlexNet:
     """An AlexNet-family model whose convs are plain (conv or conv+BN per block) -> AlexNet(bn=False)."""
-    options = {k: v for k, v in config.items() if k not in ("bn", "gamma_init")}
     for block in model.features:
         if isinstance(block, nn.Sequential) and "bn" in block._modules:
             kernel, bias = fuse_conv_bn(block.conv, block.bn)
             block.conv = _conv({**conv_options(block.conv), "bias": True}, kernel, bias)
             del block.bn
     weight = next(model.parameters())
-    deploy = AlexNet(**options, bn=False).to(device=weight.device, dtype=weight.dtype)
+    deploy = options.deploy().build().to(device=weight.device, dtype=weight.dtype)
     deploy.load_state_dict(model.state_dict())
     return deploy
 
@@ -86,7 +85,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
     """
     fused = _restore_convs(copy.deepcopy(model))
     if isinstance(model, (AlexNet, AlexNetAC)):
-        return _as_deploy_alexnet(fused, model.config).eval()
+        return _as_deploy_alexnet(fused, model.options).eval()
     return fused.eval()
 
 

@@ -142,7 +142,7 @@ def run_main(script, *overrides, check=True, composed=None):
         signal.signal(signal.SIGINT, handler)
         HydraConfig.instance().cfg = None
         # the run directory's claim goes when train.py's process ends; here the run ends instead
-        from experiment.rundir import CLAIM, release_run_dir
+        from experiment.checkpoint import CLAIM, release_run_dir
 
         if "cfg" in locals() and Path(script).stem == "train":
             with contextlib.suppress(Exception):

@@ -17,10 +17,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiment import rundir  # noqa: E402,F401  (registers the resolvers configs/train.yaml uses)
-from experiment.datasets import load_dataset  # noqa: E402
+from experiment import checkpoint  # noqa: E402,F401  (registers the resolvers configs/train.yaml uses)
+from experiment.data import build_loaders, load_dataset  # noqa: E402
 from experiment.distributed import all_reduce_sum, cleanup, init_distributed, select_device, wrap_ddp  # noqa: E402
-from experiment.loaders import build_loaders  # noqa: E402
 from experiment.models import build_model  # noqa: E402
 from experiment.optim import build_optimizer  # noqa: E402
 

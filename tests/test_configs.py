@@ -8,7 +8,7 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import experiment.rundir  # noqa: F401  (registers the resolvers train.yaml uses)
+import experiment.checkpoint  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT, TINY, compose_main, run_main
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler, lr_factor
@@ -31,7 +31,7 @@ def test_every_model_config_builds_its_network(model):
     cfg = compose_train(f"model={model}", "model.width=0.125", "model.classifier_width=16")
     net = build_model(cfg.model, num_classes=10)
     assert isinstance(net, AlexNetAC if "_ac" in model else AlexNet)
-    assert net.config["layout"] == ("imagenet" if model.endswith("imagenet") else "cifar")
+    assert net.options.layout == ("imagenet" if model.endswith("imagenet") else "cifar")
 
 
 @pytest.mark.parametrize("model", [m for m in options("model") if "_ac" in m])

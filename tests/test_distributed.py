@@ -13,12 +13,11 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, read_metrics, run_script
 from distributed_step import first_step
-from experiment.datasets import load_dataset
+from experiment.data import DeviceLoader, FolderLoader, build_test_loader, load_dataset
 from experiment.distributed import World, wrap_ddp
 from experiment.errors import UserError
-from experiment.engine import evaluate
-from experiment.loaders import DeviceLoader, FolderLoader, build_test_loader
 from experiment.models import model_from_checkpoint
+from experiment.training import evaluate
 
 
 def torchrun(script, *args, nproc=2, cwd=ROOT, env=None, timeout=300):
@@ -55,7 +54,7 @@ def test_two_processes_leave_exactly_one_run_directory(ddp_run):
         "config.yaml", "metrics.json", "train.log"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes TensorBoard events
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    # ranks other than 0 got a scratch directory from experiment/rundir.py and wrote nothing into it
+    # ranks other than 0 got a scratch directory from experiment/checkpoint.py and wrote nothing into it
     assert all(p.is_dir() for p in scratch.rglob("alexnet-ac-*")) and not list(scratch.rglob("alexnet-ac-*/*"))
     # one voice: the console and the log file carry each line once
     log = (run / "train.log").read_text()
@@ -212,7 +211,7 @@ def test_slurm_launcher_config_fits_what_train_py_expects():
     installed, the config also composes and the plugin checks every knob's name and type."""
     import signal
 
-    from experiment.interrupt import StopRequest
+    from experiment.training import StopRequest
 
     launcher = OmegaConf.load(ROOT / "configs" / "hydra" / "launcher" / "slurm.yaml")
     assert launcher.defaults == ["submitit_slurm"]

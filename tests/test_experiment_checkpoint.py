@@ -1,14 +1,22 @@
-"""experiment/checkpoint.py: atomic writes, safe reads, one clear UserError for every unusable file."""
+"""experiment/checkpoint.py: atomic writes, safe reads, one clear UserError for every unusable file; a run never
+writes into another run's directory and the printed resume command works; an output never replaces an input, by
+name or through a link."""
 import os
 import pickle
+import shlex
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from conftest import ROOT
 from experiment import checkpoint as ckpt_module
-from experiment.checkpoint import TRAINING_KEYS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from experiment.checkpoint import (CLAIM, TRAINING_KEYS, check_outputs, check_run_dir_free, claim_run_dir,
+                                   load_checkpoint, publish, release_run_dir, resume_command, rng_state,
+                                   run_dir_of_checkpoint, save_checkpoint, set_rng_state, staging_path)
 from experiment.errors import UserError
 
 
@@ -231,3 +239,163 @@ def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_pa
         p.write_bytes(b"half")
     save_checkpoint(make_state(), tmp_path / "last.pt")
     assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+
+
+def make_run(path):
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "checkpoints" / "last.pt").write_bytes(b"x")
+    return path
+
+
+def test_fresh_and_half_started_directories_are_free(tmp_path):
+    check_run_dir_free(tmp_path / "new", None)
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "train.log").write_text("failed before training\n")
+    check_run_dir_free(tmp_path / "crashed", None)  # nothing there to lose
+
+
+@pytest.mark.parametrize("marker", ["checkpoints", "metrics.json"])
+def test_a_new_run_never_takes_a_used_directory(tmp_path, marker):
+    (tmp_path / marker).mkdir() if marker == "checkpoints" else (tmp_path / marker).write_text("{}")
+    with pytest.raises(UserError, match=r"already holds a run; choose another hydra.run.dir, or continue that run "
+                                        r"with resume=.*checkpoints/last.pt"):
+        check_run_dir_free(tmp_path, None)
+
+
+def test_resuming_may_write_only_into_its_own_run(tmp_path):
+    mine, other = make_run(tmp_path / "mine"), make_run(tmp_path / "other")
+    check_run_dir_free(mine, str(mine / "checkpoints" / "last.pt"))
+    check_run_dir_free(tmp_path / "fresh", str(mine / "checkpoints" / "last.pt"))
+    with pytest.raises(UserError, match="already holds another run .*leave out hydra.run.dir"):
+        check_run_dir_free(other, str(mine / "checkpoints" / "last.pt"))
+
+
+def test_run_dir_of_checkpoint(tmp_path):
+    assert run_dir_of_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt") == (tmp_path / "run").resolve()
+    assert run_dir_of_checkpoint(tmp_path / "x.pt") == tmp_path.resolve()
+
+
+def test_resume_command_is_quoted(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/repo dir/train.py", "trainer.epochs=5"])
+    cmd = resume_command("/runs/my run/checkpoints/last.pt")
+    assert shlex.split(cmd) == ["/repo dir/train.py", "resume='/runs/my run/checkpoints/last.pt'"]
+
+
+def test_resume_command_names_train_py_under_a_launcher(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/submitit/core/_submit.py", "/jobs"])
+    script, resume = shlex.split(resume_command("/runs/r/checkpoints/last.pt"))
+    assert script == str(ROOT / "train.py") and resume == "resume='/runs/r/checkpoints/last.pt'"
+
+
+@pytest.mark.parametrize("path", ["/home/José/run,1/checkpoints/last.pt", "/tmp/it's [x]=y/a b/last.pt",
+                                  "/tmp/back\\slash\\'/last.pt", "/tmp/end\\"])
+def test_resume_command_survives_the_shell_and_hydra(path):
+    _, override = shlex.split(resume_command(path))
+    assert OverridesParser.create().parse_override(override).value() == path
+
+
+def test_a_second_claim_on_a_directory_in_use_is_refused(tmp_path):
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / CLAIM).write_text(f"{running.pid} {socket.gethostname()}\n")
+        with pytest.raises(UserError, match=f"is in use by a running train.py \\(process {running.pid}"):
+            claim_run_dir(tmp_path)
+        (tmp_path / CLAIM).write_text(f"1 some-other-host\n")  # cannot tell whether it runs: it counts
+        with pytest.raises(UserError, match="process 1 on some-other-host"):
+            claim_run_dir(tmp_path)
+    finally:
+        running.kill()
+        running.wait()
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_claim_left_by_a_killed_run_does_not_block(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / CLAIM).write_text(f"{dead} {socket.gethostname()}\n")
+    (tmp_path / "checkpoints").mkdir()
+    stale_tmp = tmp_path / "checkpoints" / f".last.pt.{dead}.abcdefgh.tmp"
+    stale_tmp.write_bytes(b"half a checkpoint")
+    lock = claim_run_dir(tmp_path, resuming=tmp_path / "checkpoints" / "last.pt")
+    assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert not stale_tmp.exists()  # a killed save's leftover goes when its run continues
+    release_run_dir(lock)
+    assert not lock.exists()
+
+
+def test_the_claim_goes_when_the_process_ends(tmp_path):
+    code = f"from experiment.checkpoint import claim_run_dir; claim_run_dir({str(tmp_path)!r}); print('claimed')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "claimed" and not (tmp_path / CLAIM).exists()
+
+
+def test_a_run_directory_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        ckpt_module._writable_dir(tmp_path / "file" / "run")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot use {tmp_path / 'file' / 'run'} as the run directory")
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"checkpoint")
+    return path
+
+
+def test_an_output_beside_the_input_is_fine(ckpt):
+    assert check_outputs([ckpt.with_name("last.eval.json"), None], [ckpt, None]) == [ckpt.with_name("last.eval.json")]
+
+
+@pytest.mark.parametrize("alias", ["same", "relative", "symlink", "hardlink", "symlinked folder"])
+def test_an_output_that_is_an_input_is_refused(ckpt, tmp_path, monkeypatch, alias):
+    if alias == "same":
+        out = ckpt
+    elif alias == "relative":
+        monkeypatch.chdir(ckpt.parent)
+        out = ckpt.parent / ".." / "checkpoints" / "last.pt"
+    elif alias == "symlink":
+        out = tmp_path / "link.pt"
+        out.symlink_to(ckpt)
+    elif alias == "hardlink":
+        out = tmp_path / "hard.pt"
+        os.link(ckpt, out)
+    else:
+        (tmp_path / "ln").symlink_to(ckpt.parent)
+        out = tmp_path / "ln" / "last.pt"
+    with pytest.raises(UserError, match="^out=.* would overwrite the input .*last.pt; pass another out="):
+        check_outputs([out], [ckpt])
+    assert ckpt.read_bytes() == b"checkpoint"
+
+
+def test_two_outputs_on_one_file_are_refused(tmp_path, ckpt):
+    with pytest.raises(UserError, match="would overwrite another output"):
+        check_outputs([tmp_path / "m.onnx", tmp_path / "m.onnx"], [ckpt])
+
+
+def test_an_output_under_a_file_or_onto_a_folder_is_refused(tmp_path, ckpt):
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_outputs([ckpt / "x.json"], [])
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_outputs([ckpt.parent / "last.pt" / "deeper" / "x.json"], [])
+    with pytest.raises(UserError, match="it is a folder"):
+        check_outputs([ckpt.parent], [])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(UserError, match="is not writable"):
+        check_outputs([tmp_path / "ro" / "sub" / "x.json"], [])
+
+
+def test_a_staged_file_replaces_the_output_only_when_published(tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    staged = staging_path(out)
+    staged.write_bytes(b"new")
+    assert out.read_bytes() == b"old" and staged.parent == out.parent
+    publish(staged, out)
+    assert out.read_bytes() == b"new" and not staged.exists()

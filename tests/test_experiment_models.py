@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from experiment.deploy import deploy_checkpoint
+from experiment.models import deploy_checkpoint
 from experiment.errors import UserError
 from experiment.models import build_model, check_input_fits, deploy_config, model_from_checkpoint
 from nets import ACBlock, AlexNet, fuse_model
@@ -40,7 +40,7 @@ def test_deploy_config_rebuilds_the_fused_torchvision_model():
 def test_deploy_config_of_alexnet_is_unchanged():
     fused = fuse_model(AlexNet(width=0.125, classifier_width=16))
     cfg = deploy_config({"name": "alexnet", "arch": "AlexNet"}, fused)
-    assert cfg == {"name": "alexnet_deploy", "arch": "AlexNet", **{k: v for k, v in fused.config.items()
+    assert cfg == {"name": "alexnet_deploy", "arch": "AlexNet", **{k: v for k, v in fused.options.kwargs().items()
                                                                   if k != "num_classes"}}
 
 

@@ -201,7 +201,7 @@ def test_acified_alexnet_fuses_to_the_deploy_alexnet():
             bn.running_mean.normal_(0, 0.2)
             bn.running_var.uniform_(0.5, 2.0)
     fused = fuse_model(ac)
-    assert type(fused) is AlexNet and fused.config == {**options, "layout": "cifar", "dropout": 0.5, "bn": False}
+    assert type(fused) is AlexNet and fused.options.kwargs() == {**options, "layout": "cifar", "dropout": 0.5, "bn": False}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _rel_err(ac.eval()(x), fused(x)) <= 1e-5

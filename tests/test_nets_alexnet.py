@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from nets import ACBlock, AlexNet, AlexNetAC
+from nets import ACBlock, AlexNet, AlexNetAC, AlexNetOptions
 
 SMALL = dict(width=0.25, classifier_width=64)
 # Smallest inputs that survive the three 3x3/2 max pools: 15 px (cifar layout), 63 px (imagenet layout).
@@ -100,10 +100,21 @@ def test_non_positive_width_is_rejected():
         AlexNet(width=0)
 
 
-def test_config_records_constructor_options():
-    assert AlexNet(5, layout="imagenet", bn=False, dropout=0.1, **SMALL).config == dict(
+def test_options_record_constructor_options():
+    plain, ac = AlexNet(5, layout="imagenet", bn=False, dropout=0.1, **SMALL), AlexNetAC(5, gamma_init=0.5, **SMALL)
+    assert plain.options.kwargs() == dict(
         num_classes=5, layout="imagenet", width=0.25, classifier_width=64, dropout=0.1, bn=False
     )
-    assert AlexNetAC(5, gamma_init=0.5, **SMALL).config == dict(
+    assert ac.options.kwargs() == dict(
         num_classes=5, layout="cifar", width=0.25, classifier_width=64, dropout=0.5, gamma_init=0.5
     )
+    assert (plain.options.arch, ac.options.arch) == ("AlexNet", "AlexNetAC")
+    assert type(ac.options.build()) is AlexNetAC and ac.options.build().options == ac.options
+    assert ac.options.deploy() == AlexNetOptions(5, "cifar", 0.25, 64, 0.5, bn=False)
+
+
+@pytest.mark.parametrize("options, says", [(dict(ac=True, bn=False), "AlexNetAC has no bn option"),
+                                           (dict(gamma_init=0.5), "an option of AlexNetAC, not AlexNet")])
+def test_options_refuse_what_the_class_cannot_take(options, says):
+    with pytest.raises(ValueError, match=says):
+        AlexNetOptions(**options)

@@ -151,7 +151,7 @@ def test_cifar_code_path_reads_cifar_format_files(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     from torchvision.datasets import CIFAR10
 
-    from experiment.datasets import load_dataset
+    from experiment.data import load_dataset
 
     test_batch = write_cifar10(tmp_path)
     # the fabricated files have other md5 sums than the real ones: bypass the integrity check, here only
@@ -175,7 +175,7 @@ def test_cifar_without_network_says_what_to_do(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     from torchvision.datasets import CIFAR10
 
-    from experiment.datasets import load_dataset
+    from experiment.data import load_dataset
     from experiment.errors import UserError
 
     def offline(self):

@@ -28,10 +28,6 @@ def _boolean():
     return (lambda v: isinstance(v, bool)), "true or false"
 
 
-def _one_of(choices):
-    return (lambda v: v in choices), f"one of: {', '.join(map(str, choices))}"
-
-
 TRAIN_RULES = {
     "seed": _whole(0, below=2**32),  # the data order's generator is seeded from seed * 100,003 + epoch
     "dataset.batch_size": _whole(1),
@@ -71,7 +67,7 @@ FUSE_RULES = {"check_batch": _whole(1), "tolerance": _number(0)}
 def check_values(cfg, rules, where="", allow_null=False):
     """Every key of `rules` that `cfg` holds must pass its check; `where` says whose config it is."""
     for key, (check, accepts) in rules.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT) if OmegaConf.is_config(cfg) else _select(cfg, key)
+        value = _select(cfg, key)
         if value is _ABSENT or (value is None and allow_null):
             continue
         if not check(value):
@@ -79,6 +75,9 @@ def check_values(cfg, rules, where="", allow_null=False):
 
 
 def _select(tree, key):
+    """The value at a dotted `key` of an OmegaConf config or of plain dicts (a checkpoint's config), or _ABSENT."""
+    if OmegaConf.is_config(tree):
+        return OmegaConf.select(tree, key, default=_ABSENT)
     for part in key.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return _ABSENT
@@ -95,11 +94,11 @@ def check_train_config(cfg, where=""):
 def check_code_names(config, where="", training=False):
     """Every config entry that picks code (model class, dataset loader, optimizer, schedule) names one of this
     repository's closed lists; `training` also requires the optimizer and schedule that resuming rebuilds."""
-    from experiment.datasets import DATASETS
+    from experiment.data import DATASETS
     from experiment.models import ARCHITECTURES, MODEL_SOURCES, torchvision_builders
     from experiment.optim import OPTIMIZERS, SCHEDULES
 
-    source = OmegaConf.select(config, "model.source") if OmegaConf.is_config(config) else _select(config, "model.source")
+    source = _select(config, "model.source")
     if source not in (_ABSENT, None, *MODEL_SOURCES):
         raise UserError(f"model.source={source!r}{where} is not valid: it must be one of: {', '.join(MODEL_SOURCES)}")
     architectures = torchvision_builders() if source == "torchvision" else ARCHITECTURES
@@ -107,7 +106,7 @@ def check_code_names(config, where="", training=False):
     if training:
         needed += [("optimizer._target_", OPTIMIZERS), ("scheduler.name", SCHEDULES)]
     for key, choices in needed:
-        value = OmegaConf.select(config, key, default=_ABSENT) if OmegaConf.is_config(config) else _select(config, key)
+        value = _select(config, key)
         if value is _ABSENT or value is None:
             raise UserError(f"the config{where} has no {key}; it was edited or written by other code: use a "
                             f"checkpoint written by train.py or fuse.py")

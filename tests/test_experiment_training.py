@@ -1,13 +1,16 @@
-"""experiment/engine.py: an epoch stopped after any step and continued gives the very same result; a
-non-finite loss stops training with the epoch and step, counted as the logs count them."""
+"""experiment/training.py: an epoch stopped after any step and continued gives the very same result; a
+non-finite loss stops training with the epoch and step, counted as the logs count them; a resumed run keeps its
+stored recipe, only harmless trainer options may change."""
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiment.engine import NonFiniteLoss, TrainTotals, train_one_epoch
-from experiment.loaders import DeviceLoader
+from experiment.data import DeviceLoader
+from experiment.errors import UserError
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler
+from experiment.training import NonFiniteLoss, TrainTotals, resumed_config, train_one_epoch
+
 
 MODEL = OmegaConf.create({"name": "alexnet_ac", "arch": "AlexNetAC", "width": 0.125, "classifier_width": 16,
                           "dropout": 0.5})  # dropout on: the global RNG matters
@@ -59,3 +62,35 @@ def test_non_finite_loss_names_epoch_and_step_from_one():
     e = info.value
     assert e.epoch == 4 and 0 < e.step < len(loader)
     assert str(e) == f"the training loss became non-finite (nan or inf) at epoch 5, step {e.step + 1} of {len(loader)}"
+
+
+STORED = {"model": {"name": "alexnet_ac"}, "optimizer": {"lr": 0.1}, "resume": None,
+          "trainer": {"epochs": 30, "device": "cuda", "save_every": 1}}
+
+
+def command_line(**trainer):
+    return OmegaConf.create({**STORED, "resume": "run/checkpoints/last.pt", "trainer": {**STORED["trainer"], **trainer}})
+
+
+def test_trainer_options_other_than_the_length_apply_on_top():
+    cfg = command_line(device="cpu", save_every=5)
+    resumed = resumed_config(cfg, STORED, ["trainer.device=cpu", "trainer.save_every=5"])
+    assert (resumed.trainer.device, resumed.trainer.save_every, resumed.trainer.epochs) == ("cpu", 5, 30)
+    assert resumed.resume == "run/checkpoints/last.pt"
+
+
+def test_another_length_is_refused_since_the_schedule_would_jump():
+    with pytest.raises(UserError, match=r"trainer.epochs=40 differs from the run being resumed \(trainer.epochs was "
+                                        r"30\): its learning-rate schedule spans 30 epochs and would jump"):
+        resumed_config(command_line(epochs=40), STORED, ["trainer.epochs=40"])
+
+
+def test_the_same_length_or_none_given_is_accepted():
+    assert resumed_config(command_line(), STORED, ["trainer.epochs=30"]).trainer.epochs == 30
+    assert resumed_config(command_line(), STORED, []).trainer.epochs == 30
+
+
+def test_changing_the_recipe_is_refused():
+    cfg = OmegaConf.merge(command_line(), {"optimizer": {"lr": 0.2}})
+    with pytest.raises(UserError, match=r"optimizer.lr=0.2 differs from the run being resumed \(optimizer.lr was 0.1\)"):
+        resumed_config(cfg, STORED, ["optimizer.lr=0.2"])

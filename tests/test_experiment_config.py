@@ -1,10 +1,10 @@
-"""experiment/config_checks.py: every bad config value ends in one line naming the key; a stored config
+"""experiment/config.py: every bad config value ends in one line naming the key; a stored config
 names code only from closed lists."""
 import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from experiment.config_checks import EVAL_RULES, FUSE_RULES, check_code_names, check_train_config, check_values
+from experiment.config import EVAL_RULES, FUSE_RULES, check_code_names, check_train_config, check_values
 from experiment.errors import UserError
 
 

@@ -1,0 +1,454 @@
+"""Data sets and the batches the training loop draws from them.
+
+Small data sets (CIFAR, digits) are loaded as uint8 tensors and kept on the training device: `DeviceLoader`
+augments whole batches there (random crop with padding, horizontal flip, normalisation), with no per-sample
+Python work and no host-device copy per step. Large ImageNet-style folders are ImageFolders that
+`FolderLoader` streams through DataLoader workers. Both loaders draw an epoch's data order and augmentation
+from a generator seeded by (seed, epoch), so an epoch can be replayed from any step: that is what makes a
+resumed run, even one interrupted mid-epoch, match an uninterrupted one.
+
+Under DistributedDataParallel the configured batch size is the global one: every step takes the same
+global batch as a single process would, and rank r gets its r-th slice.
+
+Every failure a user can cause (no network, a missing root, a broken folder layout, an unreadable image)
+becomes a UserError that says what to do.
+"""
+import copy
+import logging
+import os
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from omegaconf import OmegaConf
+
+from experiment.errors import UserError, choose
+
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class TensorData:
+    """A dataset small enough to live on the training device: images (N, C, H, W) uint8, labels int64."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list
+    val_images: torch.Tensor | None = None  # held out of the training images by dataset.val_split
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def has_val(self):
+        return self.val_labels is not None
+
+
+@dataclass
+class FolderData:
+    """An ImageNet-style folder, streamed from disk."""
+
+    train: object  # torchvision.datasets.ImageFolder
+    test: object
+    classes: list
+    val: object = None  # held out of train/ by dataset.val_split, read with the test transform
+
+    @property
+    def has_val(self):
+        return self.val is not None
+
+
+def load_dataset(cfg, train=True):
+    """Load the dataset a `dataset/` config describes; `train=False` (evaluation) spares an image folder's
+    training split its listing and scan. With `dataset.val_split` > 0 (and `train`), that fraction of the
+    training images becomes the validation split (see `holdout_split`)."""
+    data = choose(DATASETS, cfg.name, "dataset")(cfg, train)
+    fraction = cfg.get("val_split") or 0
+    return _hold_out(data, fraction) if train and fraction else data
+
+
+def holdout_split(labels, fraction):
+    """(train indices, validation indices): `fraction` of each class's images held out. The draw depends on the
+    labels alone, not on the run's seed, so every seed and both models hold out the very same images."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise UserError(f"dataset.val_split={fraction} must be a fraction of the training images in [0, 1), "
+                        f"e.g. 0.1; 0 selects on the test split as the published code does")
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(0)
+    held = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=generator)[:round(fraction * len(members))]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    if not len(held) or labels[keep].unique().numel() < labels.unique().numel():
+        raise UserError(f"dataset.val_split={fraction} holds out {len(held)} of {len(labels)} training images "
+                        f"and leaves some class without training images; choose a fraction such as 0.1-0.2")
+    return keep.nonzero().flatten(), held
+
+
+def _hold_out(data, fraction):
+    if isinstance(data, TensorData):
+        train, val = holdout_split(data.train_labels, fraction)
+        return TensorData(data.train_images[train], data.train_labels[train], data.test_images, data.test_labels,
+                          data.classes, val_images=data.train_images[val], val_labels=data.train_labels[val])
+    train_idx, val_idx = holdout_split(data.train.targets, fraction)
+    train, val = data.train, copy.copy(data.train)  # one ImageFolder listing, two views of it
+    samples = train.samples
+    train.samples = [samples[i] for i in train_idx.tolist()]
+    val.samples = [samples[i] for i in val_idx.tolist()]
+    for split in (train, val):
+        split.targets = [t for _, t in split.samples]
+        split.imgs = split.samples
+    val.transform = data.test.transform  # validation images are scored like test images: no augmentation
+    return FolderData(train, data.test, data.classes, val=val)
+
+
+def _load_cifar(cfg, train=True):  # one archive holds both splits: `train` saves nothing
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+    root = Path(cfg.root).expanduser()
+    try:
+        train = cls(root, train=True, download=cfg.download)
+        test = cls(root, train=False, download=cfg.download)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(
+            f"could not download {cfg.name} into {root} ({getattr(e, 'reason', e)}); without network, place "
+            f"{cls.filename} from {cls.url} in {root} by hand, or train offline with dataset=digits or dataset=folder"
+        ) from None
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        raise UserError(
+            f"{cfg.name} not found or corrupted in {root}; set dataset.download=true, place {cls.filename} "
+            f"(from {cls.url}) in {root}, or set dataset.root to where it lives"
+        ) from None
+
+    def to_tensors(split):
+        images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(split.targets, dtype=torch.int64)
+
+    return TensorData(*to_tensors(train), *to_tensors(test), classes=list(train.classes))
+
+
+def _load_digits(cfg, train=True):
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled: real data that works offline."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # pixel values are 0..16
+    images = F.interpolate(images, size=cfg.image_size, mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
+    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
+    return TensorData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                      classes=[str(d) for d in range(10)])
+
+
+def _load_fake(cfg, train=True):
+    """Random images and labels of a chosen shape, fixed by a seed: for benchmarks and smoke tests."""
+    g = torch.Generator().manual_seed(0)
+    shape = (3, cfg.image_size, cfg.image_size)
+
+    def split(n):
+        return (torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
+                torch.randint(0, cfg.num_classes, (n,), generator=g))
+
+    return TensorData(*split(cfg.train_size), *split(cfg.test_size), classes=[str(c) for c in range(cfg.num_classes)])
+
+
+def _load_folder(cfg, train=True):
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.root).expanduser()
+    classes = check_folder_layout(root, ("train", "val") if train else ("val",))
+    size = cfg.image_size
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.PILToTensor()])
+    test_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                  transforms.PILToTensor()])
+    splits = [datasets.ImageFolder(root / "train", transform=train_tf) if train else None,
+              datasets.ImageFolder(root / "val", transform=test_tf)]
+    if cfg.verify_images:
+        for split in filter(None, splits):
+            _drop_unreadable(split, skip=cfg.skip_bad_images)
+    return FolderData(*splits, classes)
+
+
+# dataset.name -> loader(dataset config, whether the training split is needed); the small datasets load both
+# splits in one go either way
+DATASETS = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_digits, "fake": _load_fake,
+            "folder": _load_folder}
+
+
+def check_folder_layout(root, splits=("train", "val")):
+    """Validate root/train/<class>/* and root/val/<class>/* before any training; return the class names."""
+    if not root.is_dir():
+        raise UserError(f"dataset root {root} does not exist; set dataset.root to a folder holding train/ and val/")
+    found = {}
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"{folder} is missing; dataset=folder expects {root}/train/<class>/*.jpg and "
+                            f"{root}/val/<class>/*.jpg")
+        _check_no_folder_read_twice(folder)
+        classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+        if not classes:
+            raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
+        for c in classes:
+            if not any(f.name.lower().endswith(IMAGE_EXTENSIONS) for f in os.scandir(folder / c) if f.is_file()):
+                raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                f"add images or remove the folder")
+        found[split] = classes
+    if len(found) == 2 and found["train"] != found["val"]:
+        only_train = sorted(set(found["train"]) - set(found["val"]))
+        only_val = sorted(set(found["val"]) - set(found["train"]))
+        raise UserError(f"train/ and val/ under {root} have different classes (only in train: {only_train}, "
+                        f"only in val: {only_val}); both splits need the same class folders")
+    return found[splits[0]]
+
+
+def _check_no_folder_read_twice(folder):
+    """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
+    would count images many times and under the wrong class. Refuse any folder reached twice."""
+    seen = {}
+    for path, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{path} is a link to {seen[real]}, which is read already (a link loop or a second "
+                            f"copy of a folder would count its images again, under another class); remove the link")
+        seen[real] = path
+
+
+def _drop_unreadable(split, skip):
+    from PIL import Image
+
+    def readable(path):
+        try:
+            with Image.open(path) as im:
+                im.convert("RGB")  # decodes the whole image: truncated files fail here, not mid-epoch
+            return True
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        ok = list(pool.map(readable, [p for p, _ in split.samples]))
+    bad = [p for (p, _), good in zip(split.samples, ok) if not good]
+    if bad and len(bad) == len(split.samples):
+        raise UserError(f"none of the {len(bad)} images in {split.root} can be read (e.g. {bad[0]}); check that "
+                        f"the folder holds images, not e.g. unfinished downloads")
+    if bad and not skip:
+        raise UserError(f"cannot read image {bad[0]} ({len(bad)} unreadable in {split.root}); fix or remove it, "
+                        f"or set dataset.skip_bad_images=true to leave such files out")
+    if bad:
+        split.samples = [s for s, good in zip(split.samples, ok) if good]
+        split.targets = [t for _, t in split.samples]
+        split.imgs = split.samples
+        split.skipped = bad
+
+
+def report_skipped_images(data):
+    """Log how many unreadable images dataset.skip_bad_images=true left out, per split."""
+    for name in ("train", "test"):
+        bad = getattr(getattr(data, name, None), "skipped", None)
+        if bad:
+            log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
+                        len(bad), name, bad[0])
+
+
+def dataset_config(stored, overrides, config_dir):
+    """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top. Naming
+    another dataset starts from its file in `config_dir` (configs/dataset/)."""
+    cfg = OmegaConf.create(stored)
+    name = overrides.get("name")
+    if name and name != cfg.name:
+        choose(DATASETS, name, "dataset.name")
+        cfg = _dataset_file(Path(config_dir), name)
+    if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
+        cfg.download = False
+    return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
+
+
+def _dataset_file(config_dir, name):
+    """configs/dataset/<name>.yaml with the files its `defaults` list names merged below it, as Hydra does."""
+    cfg = OmegaConf.load(config_dir / f"{name}.yaml")
+    bases = [_dataset_file(config_dir, base) for base in cfg.pop("defaults", []) if base != "_self_"]
+    return OmegaConf.merge(*bases, cfg)
+
+
+def epoch_generator(seed, epoch):
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def normalize(images, mean, std, channels_last=False):
+    """uint8 (N, C, H, W) -> float32, normalised with per-channel mean/std given on the 0..1 scale: sequences,
+    or tensors already on the images' device (the loaders keep them there: copying them from the host for
+    every batch would make each step wait for the GPU)."""
+    mean = torch.as_tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.as_tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    x = (images.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _check_batch(batch_size, world_size, num_samples, what):
+    if batch_size % world_size:
+        raise UserError(f"{what} {batch_size} does not divide by the {world_size} processes; "
+                        f"it is the global batch, so pick a multiple of {world_size}")
+    if batch_size > num_samples:
+        raise UserError(f"{what} {batch_size} is larger than the {num_samples} training samples; "
+                        f"set dataset.batch_size={min(num_samples, 128)} or smaller")
+
+
+class _ShardedLoader:
+    """What both loaders share: the global batch, this rank's share of it, and the normalisation."""
+
+    def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed, rank, world_size, channels_last):
+        if train:
+            _check_batch(batch_size, world_size, num_samples, "dataset.batch_size")
+        self.train, self.batch_size, self.seed, self.num_samples = train, batch_size, seed, num_samples
+        self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
+        self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+
+    def __len__(self):
+        if self.train:
+            return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
+        return -(-len(self.eval_indices()) // self.batch_size)
+
+    def eval_indices(self):
+        """This rank's test samples: every world_size-th, so each is evaluated exactly once over all ranks."""
+        return range(self.rank, self.num_samples, self.world_size)
+
+
+class DeviceLoader(_ShardedLoader):
+    def __init__(self, images, labels, batch_size, *, train, mean, std, device, crop_padding=4, hflip=True,
+                 seed=0, rank=0, world_size=1, channels_last=False):
+        super().__init__(len(labels), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
+        self.crop_padding = crop_padding if train else 0
+        self.hflip = hflip and train
+        p = self.crop_padding
+        # Pad once, crop per batch: a crop is then a gather, with no padding work per step.
+        self.images = F.pad(images, (p, p, p, p)).to(device) if p else images.to(device)
+        self.labels = labels.to(device)
+        self.height, self.width = images.shape[-2:]
+
+    def epoch(self, epoch, start_step=0):
+        """Yield (images float32 normalised, labels) for one epoch, starting at `start_step`."""
+        device = self.labels.device
+        if not self.train:
+            idx = torch.tensor(self.eval_indices(), device=device)
+            for i in range(start_step * self.batch_size, len(idx), self.batch_size):
+                j = idx[i:i + self.batch_size]
+                yield normalize(self.images[j], self.mean, self.std, self.channels_last), self.labels[j]
+            return
+        g = epoch_generator(self.seed, epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        shifts = torch.randint(0, 2 * self.crop_padding + 1, (2, self.num_samples), generator=g)
+        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
+        local = self.batch_size // self.world_size
+        rows = torch.arange(self.height, device=device)
+        cols = torch.arange(self.width, device=device)
+        for step in range(start_step, len(self)):
+            sl = slice(step * self.batch_size + self.rank * local, step * self.batch_size + (self.rank + 1) * local)
+            j = order[sl]
+            x = self.images[j]
+            if self.crop_padding:
+                r = (shifts[0, sl, None] + rows)[:, None, :, None]
+                c = (shifts[1, sl, None] + cols)[:, None, None, :]
+                b = torch.arange(len(j), device=device)[:, None, None, None]
+                ch = torch.arange(x.shape[1], device=device)[None, :, None, None]
+                x = x[b, ch, r, c]
+            if self.hflip:
+                x = torch.where(flips[sl, None, None, None], x.flip(3), x)
+            yield normalize(x, self.mean, self.std, self.channels_last), self.labels[j]
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.start_step = loader, 0, 0
+
+    def __iter__(self):
+        ld = self.loader
+        if not ld.train:
+            return iter(ld.eval_indices())
+        order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
+        local = ld.batch_size // ld.world_size
+        starts = (step * ld.batch_size + ld.rank * local for step in range(self.start_step, len(ld)))
+        return iter([i for start in starts for i in order[start:start + local]])
+
+
+class FolderLoader(_ShardedLoader):
+    def __init__(self, dataset, batch_size, *, train, mean, std, device, num_workers=8, seed=0, rank=0,
+                 world_size=1, channels_last=False):
+        super().__init__(len(dataset), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
+        self.sampler = _EpochSampler(self)
+        local = batch_size // world_size if train else batch_size
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
+            pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
+
+    def epoch(self, epoch, start_step=0):
+        self.sampler.epoch, self.sampler.start_step = epoch, start_step if self.train else 0
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device, non_blocking=True)
+
+
+def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_last=False):
+    """(train loader, test loader) for what `load_dataset` returned."""
+    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
+    if isinstance(data, TensorData):
+        train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True, seed=seed,
+                             crop_padding=cfg.crop_padding, hflip=cfg.hflip, **common)
+    else:
+        train = FolderLoader(data.train, cfg.batch_size, train=True, seed=seed, num_workers=cfg.num_workers,
+                             **common)
+    return train, build_test_loader(data, cfg, device=device, rank=rank, world_size=world_size,
+                                     channels_last=channels_last)
+
+
+def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False, split="test"):
+    """The test split, or with `split="val"` the held-out validation split (this rank's share of it),
+    normalised like the training data."""
+    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
+    if isinstance(data, TensorData):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
+    return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
+                        **common)
+
+
+def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir):
+    """The test split of the dataset a checkpoint was trained on, with the non-null dataset `overrides` of
+    eval.py/fuse.py on top: (dataset config, class names, loader). `config_dir` holds the dataset config files."""
+    cfg = dataset_config(ckpt["config"]["dataset"], overrides, config_dir)
+    data = load_dataset(cfg, train=False)
+    report_skipped_images(data)
+    if len(data.classes) != ckpt["num_classes"]:
+        raise UserError(f"{path} predicts {ckpt['num_classes']} classes but dataset {cfg.name} has "
+                        f"{len(data.classes)}; use it on the dataset it was trained on")
+    stored = ckpt.get("classes")
+    if stored and list(stored) != list(data.classes):
+        differ = [f"{a}/{b}" for a, b in zip(stored, data.classes) if a != b]
+        raise UserError(f"{path} was trained on classes that {cfg.name} names otherwise (checkpoint/dataset: "
+                        f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); its scores would compare "
+                        f"wrong labels: use it on the dataset it was trained on")
+    return cfg, list(data.classes), build_test_loader(data, cfg, device=device)
+
+
+def _loader_options(cfg, **placement):
+    return dict(mean=tuple(cfg.mean), std=tuple(cfg.std), **placement)

@@ -201,8 +201,8 @@ def train_epoch(run, stop, bars):
     except NonFiniteLoss as e:
         last = run.saver.directory / "last.pt"
         good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or with "
-                        f"scheduler.warmup_epochs=1") from None
+        raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or a longer "
+                        f"scheduler.warmup_epochs") from None
     finally:
         batch_bar.close()
     if run.step < len(run.train_loader):
@@ -254,7 +254,6 @@ def report(run):
     write_json(run.run_dir / "metrics.json", metrics)
     hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr, "params": count_parameters(run.model)}
-    run.tracker.scalars({"test/acc1": test_acc1}, tc.epochs)
     run.tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
     log_kernel_skeleton(run.tracker, run.model, cfg.model.name)
     log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "

@@ -127,6 +127,11 @@ def _mean_std(values) -> tuple[float, float]:
     return mean, std
 
 
+def _t_half_width(sd: float, n: int) -> float:
+    """Half the width of the 95% Student-t confidence interval of a mean of ``n`` values; NaN below two."""
+    return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+
+
 def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     """dataset -> model -> seed -> run."""
     groups = defaultdict(lambda: defaultdict(dict))
@@ -181,7 +186,7 @@ def paired_differences(runs: list[dict]) -> list[dict]:
                    "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
                 mean, sd = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
-                half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+                half = _t_half_width(sd, n)
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
             rows.append(row)
@@ -320,7 +325,7 @@ MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
 def _mean_band(values) -> tuple[float, float, float]:
     """Mean and its 95% Student-t interval (low, high); with one value the band has no width."""
     mean, sd = _mean_std(values)
-    half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    half = _t_half_width(sd, len(values)) if len(values) > 1 else 0.0
     return mean, mean - half, mean + half
 
 

@@ -244,7 +244,13 @@ def report(run):
     cfg, tc, history, best_acc1 = run.cfg, run.cfg.trainer, run.history, run.best_acc1
     train_seconds = run.train_seconds()
     best_path = run.saver.directory / "best.pt"
-    test_acc1 = score_on_test(best_path, run.data, cfg.dataset, run.device) if run.data.has_val else best_acc1
+    test_acc1 = best_acc1
+    if run.data.has_val and best_path.is_file():
+        test_acc1 = score_on_test(best_path, run.data, cfg.dataset, run.device)
+    elif run.data.has_val:  # e.g. a run resumed from a last.pt copied without its best.pt
+        test_acc1 = None
+        log.warning("%s is missing, so the checkpoint picked on the validation split cannot be scored on the test "
+                    "split: metrics.json has test_acc1 null (score it with eval.py once best.pt is back)", best_path)
     metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
                "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
                "test_acc1": test_acc1, "selected_on": "val" if run.data.has_val else "test",

@@ -101,7 +101,10 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     torch.save(ckpt, copy / "checkpoints" / "last.pt")
     proc = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}")
     assert "1 process(es)" in proc.stdout
-    assert [h["epoch"] for h in read_metrics(copy)["history"]] == [1, 2, 3]
+    metrics = read_metrics(copy)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    # only last.pt was copied: best.pt, picked on the validation split, cannot be scored, and says so
+    assert metrics["test_acc1"] is None and "best.pt is missing" in proc.stderr + proc.stdout
 
 
 def test_first_step_matches_one_process_with_the_same_global_batch(tmp_path):

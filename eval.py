@@ -26,7 +26,6 @@ from experiment.report import save_confusion_matrix
 from experiment.training import evaluate
 from experiment.tracking import write_json
 
-DATASET_CONFIGS = Path(__file__).resolve().parent / "configs" / "dataset"  # for dataset.name=<another>
 log = logging.getLogger("eval")
 
 
@@ -39,8 +38,7 @@ def main(cfg):
     out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare])
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
-    data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device,
-                                                      config_dir=DATASET_CONFIGS)
+    data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
 
     def run(checkpoint, path, amp):
         return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(classes),

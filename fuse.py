@@ -26,7 +26,6 @@ from experiment.models import (deploy_checkpoint, export_onnx, is_deploy, logit_
                                onnx_logit_difference)
 from nets import fuse_model
 
-DATASET_CONFIGS = Path(__file__).resolve().parent / "configs" / "dataset"  # for dataset.name=<another>
 log = logging.getLogger("fuse")
 
 
@@ -47,7 +46,7 @@ def main(cfg):
     fused = fuse_model(model)
 
     # The proof: random input, then a real test batch, in float32.
-    _, _, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device, config_dir=DATASET_CONFIGS)
+    _, _, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
     real, _ = next(loader.epoch(0))
     real = real[:cfg.check_batch]
     noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)

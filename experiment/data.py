@@ -30,6 +30,7 @@ from experiment.errors import UserError, choose
 
 
 log = logging.getLogger(__name__)
+DATASET_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"  # eval/fuse dataset.name=<another>
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -265,14 +266,14 @@ def report_skipped_images(data):
                         len(bad), name, bad[0])
 
 
-def dataset_config(stored, overrides, config_dir):
+def dataset_config(stored, overrides, config_dir=None):
     """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top. Naming
-    another dataset starts from its file in `config_dir` (configs/dataset/)."""
+    another dataset starts from its file in `config_dir` (default: the repository's configs/dataset/)."""
     cfg = OmegaConf.create(stored)
     name = overrides.get("name")
     if name and name != cfg.name:
         choose(DATASETS, name, "dataset.name")
-        cfg = _dataset_file(Path(config_dir), name)
+        cfg = _dataset_file(Path(config_dir or DATASET_CONFIGS), name)
     if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
         cfg.download = False
     return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
@@ -432,9 +433,9 @@ def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=
                         **common)
 
 
-def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir):
+def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir=None):
     """The test split of the dataset a checkpoint was trained on, with the non-null dataset `overrides` of
-    eval.py/fuse.py on top: (dataset config, class names, loader). `config_dir` holds the dataset config files."""
+    eval.py/fuse.py on top: (dataset config, class names, loader). `config_dir`: see `dataset_config`."""
     cfg = dataset_config(ckpt["config"]["dataset"], overrides, config_dir)
     data = load_dataset(cfg, train=False)
     report_skipped_images(data)

@@ -22,7 +22,7 @@ from experiment.config import FUSE_RULES, check_values
 from experiment.data import checkpoint_test_loader
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
-from experiment.models import (deploy_checkpoint, export_onnx, is_deploy, logit_difference, model_from_checkpoint,
+from experiment.models import (deploy_checkpoint, export_onnx, logit_difference, model_from_checkpoint,
                                onnx_logit_difference)
 from nets import fuse_model
 
@@ -35,7 +35,7 @@ def main(cfg):
     check_values(cfg, FUSE_RULES)
     start = time.perf_counter()
     ckpt = load_checkpoint(cfg.ckpt)
-    if is_deploy(ckpt):
+    if ckpt.get("deploy"):
         log.info("%s is already a deploy checkpoint: nothing to fuse", cfg.ckpt)
         return
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_deploy.pt")

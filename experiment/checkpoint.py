@@ -228,41 +228,40 @@ def _is_main_process():
 def _run_dir(resume, new_dir):
     if not _is_main_process():
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
-    return _writable_dir(run_dir_of_checkpoint(resume) if resume else new_dir)
-
-
-def _writable_dir(path):
-    """Hydra creates the run directory and its log before train.py runs, and reports a failure there with a
-    traceback: so the check happens here, when Hydra asks for the directory, with the usual one line."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError("not writable (a read-only file system, or no permission)")
-    except OSError as e:
-        print(f"error: cannot use {path} as the run directory ({e.strerror or e}); pass a writable "
-              f"hydra.run.dir", file=sys.stderr, flush=True)
-        sys.exit(2)
+    path = run_dir_of_checkpoint(resume) if resume else new_dir
+    _exit_if_unusable_run_dir(path)  # Hydra makes the directory next, and reports a failure with a traceback
     return str(path)
 
 
 def check_run_dir_argument(argv):
     """A `hydra.run.dir=...` on the command line replaces the `run_dir` resolver, and Hydra makes that directory
-    before train.py runs, reporting a failure with a traceback: look at its nearest existing folder first, with
-    the usual one line, creating nothing. (A sweep, `-m`, does not use hydra.run.dir.)"""
+    before train.py runs: check it first. (A sweep, `-m`, does not use hydra.run.dir.)"""
     if "-m" in argv or "--multirun" in argv:
         return
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
-            path = Path(arg.split("=", 1)[1].strip("'\""))
-            folder = path
-            while not os.path.lexists(folder) and folder != folder.parent:
-                folder = folder.parent
-            problem = ("not a folder" if not folder.is_dir() else
-                       "not writable" if not os.access(folder, os.W_OK | os.X_OK) else None)
-            if problem:
-                print(f"error: cannot use {path} as the run directory ({folder} is {problem}); pass a writable "
-                      f"hydra.run.dir", file=sys.stderr, flush=True)
-                sys.exit(2)
+            _exit_if_unusable_run_dir(Path(arg.split("=", 1)[1].strip("'\"")))
+
+
+def _exit_if_unusable_run_dir(path):
+    """The usual one line and exit status 2, before anything is created, when `path` cannot become a folder."""
+    folder, problem = _folder_problem(Path(path))
+    if problem:
+        print(f"error: cannot use {path} as the run directory ({folder} is {problem}); pass a writable "
+              f"hydra.run.dir", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _folder_problem(path):
+    """(nearest existing folder of `path` or `path` itself, why nothing can be made below it, or None)."""
+    folder = path
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return folder, "a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return folder, "not writable (a read-only file system, or no permission)"
+    return folder, None
 
 
 def _log_file(path):
@@ -311,7 +310,7 @@ def claim_run_dir(run_dir, resuming=None):
                 os.link(tmp, lock)  # atomic and exclusive: fails when the claim exists; never half-written
                 break
             except FileExistsError:
-                owner = _claim_owner(lock)
+                owner = _live_owner(lock)
                 if owner is not None:
                     raise UserError(f"{run_dir} is in use by a running train.py (process {owner[0]} on "
                                     f"{owner[1]}); wait for it to end or choose another hydra.run.dir (if no "
@@ -329,24 +328,26 @@ def claim_run_dir(run_dir, resuming=None):
 
 
 def release_run_dir(lock):
-    if _claim_owner(lock, mine=True) is not None:
+    if _read_claim(lock) == (os.getpid(), socket.gethostname()):
         Path(lock).unlink(missing_ok=True)
 
 
-def _claim_owner(lock, mine=False):
-    """(pid, host) of a live claim, or None when it is stale: its process no longer runs on this machine, or
-    (`mine=False`) it is this process's own. `mine=True`: (pid, host) only when it is this process's."""
+def _read_claim(lock):
+    """(pid, host) written in a claim file, or None when there is none or it is unreadable."""
     try:
         pid, host = Path(lock).read_text().split()
-        pid = int(pid)
+        return int(pid), host
     except (OSError, ValueError):
         return None
-    here = host == socket.gethostname()
-    if mine:
-        return (pid, host) if here and pid == os.getpid() else None
-    if here and (pid == os.getpid() or not pid_alive(pid)):
+
+
+def _live_owner(lock):
+    """(pid, host) of the claim's owner when it is another process that may still run: on another machine,
+    or running here; None when the claim is stale (its process ended) or this process's own."""
+    owner = _read_claim(lock)
+    if owner and owner[1] == socket.gethostname() and (owner[0] == os.getpid() or not pid_alive(owner[0])):
         return None
-    return pid, host
+    return owner
 
 
 def hydra_quote(value):
@@ -393,14 +394,9 @@ def _same_file(a, b):
 
 
 def _check_folder(path, option):
-    folder = path.parent
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"cannot write {path}: {folder} is a file, not a folder; pass another {option}=")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: {folder} is not writable (a read-only file system, or no "
-                        f"permission); pass an {option}= in a writable folder")
+    folder, problem = _folder_problem(path.parent)
+    if problem:
+        raise UserError(f"cannot write {path}: {folder} is {problem}; pass another {option}= in a writable folder")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")
 

@@ -23,6 +23,9 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        import torch  # here, not at the top: an entry point imports this module before its slow imports
+        from omegaconf.errors import MissingMandatoryValue
+
         if _installed_by == os.getpid():  # from here on a Ctrl-C unwinds, and is reported below
             signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -30,12 +33,12 @@ def exit_on_user_error(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
-        except _out_of_memory_errors() as e:
+        except torch.cuda.OutOfMemoryError as e:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             print(f"error: the GPU ran out of memory ({first}); "
                   "try a smaller dataset.batch_size or dataset.eval_batch_size", file=sys.stderr, flush=True)
             sys.exit(2)
-        except _missing_value_errors() as e:  # a `???` in the config that the command line did not fill in
+        except MissingMandatoryValue as e:  # a `???` in the config that the command line did not fill in
             key = getattr(e, "full_key", None) or "a required config value"
             print(f"error: {key} is required; pass {key}=... on the command line", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -44,18 +47,6 @@ def exit_on_user_error(main):
             sys.exit(130)
 
     return wrapper
-
-
-def _out_of_memory_errors():
-    import torch
-
-    return (torch.cuda.OutOfMemoryError,)
-
-
-def _missing_value_errors():
-    from omegaconf.errors import MissingMandatoryValue
-
-    return (MissingMandatoryValue,)
 
 
 def interrupt_in_one_line():

@@ -108,10 +108,6 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
-def is_deploy(ckpt):
-    return bool(ckpt.get("deploy"))
-
-
 def deploy_checkpoint(ckpt, fused_model, source):
     """The deploy checkpoint: the fused weights and the config that rebuilds them, no training state."""
     config = copy.deepcopy(ckpt["config"])

@@ -2,7 +2,6 @@
 terminal and plain log lines elsewhere. Only rank 0 reports; on the other ranks the tracker does nothing."""
 import hashlib
 import json
-import sys
 
 from experiment.checkpoint import atomic_write
 
@@ -27,10 +26,6 @@ def session_group(config):
     recipe = {k: v for k, v in config.items() if k not in ("seed", "resume")}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{config['model']['name']}_{config['dataset']['name']}_{digest}"
-
-
-def use_progress_bars(enabled):
-    return enabled and sys.stderr.isatty()
 
 
 class RunTracker:

@@ -32,7 +32,7 @@ from experiment.distributed import World, all_gather_object, all_reduce_sum, loc
 from experiment.errors import UserError
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
-from experiment.tracking import RunTracker, session_group, use_progress_bars, write_json
+from experiment.tracking import RunTracker, session_group, write_json
 
 log = logging.getLogger("train")
 
@@ -88,17 +88,16 @@ def config_of_run(cfg, overrides):
     resume = load_checkpoint(cfg.resume, training=True)
     cfg = resumed_config(cfg, resume["config"], overrides)
     check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
+    if resume["epoch"] >= cfg.trainer.epochs:
+        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
+                        f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
     return cfg, resume
 
 
 def set_up(cfg, resume, world, device, run_dir):
     """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state."""
-    if world.is_main:
+    if world.is_main:  # rank 0 alone writes the run directory; its tracker and checkpoint saver are idle elsewhere
         claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
-    if resume and resume["epoch"] >= cfg.trainer.epochs:  # after the claim, which refuses another run's directory
-        raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
-                        f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
-    if world.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
@@ -157,7 +156,7 @@ def run_epochs(run):
     """Train from where `run` stands to the last epoch, evaluating and saving as configured. A stop signal
     saves last.pt mid-epoch and exits with 128 + the signal number."""
     tc = run.cfg.trainer
-    bars = use_progress_bars(tc.progress) and run.world.is_main
+    bars = tc.progress and run.world.is_main and sys.stderr.isatty()  # a log file gets plain lines
     run.start = time.perf_counter()
     with StopRequest(run.world, run.device, every=tc.log_every) as stop, logging_redirect_tqdm():
         epoch_bar = tqdm(range(run.epoch, tc.epochs), desc="epochs", initial=run.epoch, total=tc.epochs,
@@ -240,41 +239,40 @@ def checkpoint_state(run, epoch, step, totals=None):
 
 
 def report(run):
-    """Rank 0, after the last epoch: metrics.json, TensorBoard's test score, hparams and kernel skeleton, a summary."""
-    cfg, tc, history, best_acc1 = run.cfg, run.cfg.trainer, run.history, run.best_acc1
-    train_seconds = run.train_seconds()
-    best_path = run.saver.directory / "best.pt"
-    test_acc1 = best_acc1
-    if run.data.has_val and best_path.is_file():
-        test_acc1 = score_on_test(best_path, run.data, cfg.dataset, run.device)
-    elif run.data.has_val:  # e.g. a run resumed from a last.pt copied without its best.pt
-        test_acc1 = None
-        log.warning("%s is missing, so the checkpoint picked on the validation split cannot be scored on the test "
-                    "split: metrics.json has test_acc1 null (score it with eval.py once best.pt is back)", best_path)
-    metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
+    """Rank 0, after the last epoch: metrics.json, TensorBoard's hparams and kernel skeleton, a summary."""
+    cfg, history, best_acc1 = run.cfg, run.history, run.best_acc1
+    seconds = run.train_seconds()  # before scoring on the test split, which is not training
+    test_acc1 = score_on_test(run) if run.data.has_val else best_acc1
+    metrics = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                "best_acc1": best_acc1, "final_acc1": history[-1].get("val_acc1") if history else None,
                "test_acc1": test_acc1, "selected_on": "val" if run.data.has_val else "test",
                "best_epoch": next((h["epoch"] for h in history if h.get("val_acc1") == best_acc1), None),
-               "train_seconds": train_seconds,
+               "train_seconds": seconds,
                "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1), "history": history}
     write_json(run.run_dir / "metrics.json", metrics)
-    hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": tc.epochs,
+    hparams = {"model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                "batch_size": cfg.dataset.batch_size, "lr": cfg.optimizer.lr, "params": count_parameters(run.model)}
-    run.tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)), step=tc.epochs)
+    run.tracker.hparams(hparams, metrics, session_group(OmegaConf.to_container(cfg, resolve=True)),
+                        step=cfg.trainer.epochs)
     log_kernel_skeleton(run.tracker, run.model, cfg.model.name)
     log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "
              "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  tensorboard --logdir %s",
              metrics["selected_on"], best_acc1 or 0.0, metrics["best_epoch"], metrics["selected_on"],
-             metrics["final_acc1"] or 0.0, test_acc1 or 0.0, train_seconds, metrics["img_per_s"], run.run_dir,
-             run.saver.directory, run.run_dir.parent)
+             metrics["final_acc1"] or 0.0, test_acc1 or 0.0, metrics["train_seconds"], metrics["img_per_s"],
+             run.run_dir, run.saver.directory, run.run_dir.parent)
 
 
-def score_on_test(best_path, data, dataset_cfg, device):
-    """Top-1 of the checkpoint picked on the validation split, on the whole test split, the way eval.py scores
-    it (rebuilt from the file, float32, one process), so `test_acc1` is what `eval.py ckpt=best.pt` reports."""
-    model = model_from_checkpoint(load_checkpoint(best_path), best_path).to(device)
-    loader = build_test_loader(data, dataset_cfg, device=device)
-    result = evaluate(model, loader, num_classes=len(data.classes), device=device, world=World(), amp=False)
+def score_on_test(run):
+    """Top-1 of best.pt, picked on the validation split, on the whole test split the way eval.py scores it
+    (rebuilt from the file, float32, one process), so `test_acc1` is what `eval.py ckpt=best.pt` reports."""
+    best = run.saver.directory / "best.pt"
+    if not best.is_file():  # e.g. a run resumed from a last.pt copied without its best.pt
+        log.warning("%s is missing, so the checkpoint picked on the validation split cannot be scored on the test "
+                    "split: metrics.json has test_acc1 null (score it with eval.py once best.pt is back)", best)
+        return None
+    model = model_from_checkpoint(load_checkpoint(best), best).to(run.device)
+    loader = build_test_loader(run.data, run.cfg.dataset, device=run.device)
+    result = evaluate(model, loader, num_classes=run.num_classes, device=run.device, world=World(), amp=False)
     log.info("best.pt on the test split: top-1 %.2f%%, top-5 %.2f%%, %d images", result["acc1"], result["acc5"],
              result["num_samples"])
     return result["acc1"]
@@ -485,17 +483,15 @@ def resumed_config(cfg, stored, overrides):
         if key.startswith("trainer.") and key != "trainer.epochs":
             OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
             continue
-        now, then = OmegaConf.select(cfg, key), OmegaConf.select(resumed, key)
-        if OmegaConf.is_config(now):
-            now = OmegaConf.to_container(now, resolve=True)
-        if OmegaConf.is_config(then):
-            then = OmegaConf.to_container(then, resolve=True)
-        if now != then and key == "trainer.epochs":
-            raise UserError(f"{override} differs from the run being resumed (trainer.epochs was {then}): its "
-                            f"learning-rate schedule spans {then} epochs and would jump; resume without "
-                            f"trainer.epochs, or start a new run with the length you want")
+        now, then = (_plain(OmegaConf.select(c, key)) for c in (cfg, resumed))
         if now != then:
-            raise UserError(f"{override} differs from the run being resumed ({key} was {then}); resume with "
-                            f"only trainer.* overrides, or start a new run without resume=")
+            fix = (f"its learning-rate schedule spans {then} epochs and would jump; resume without trainer.epochs, "
+                   f"or start a new run with the length you want" if key == "trainer.epochs" else
+                   "resume with only trainer.* overrides, or start a new run without resume=")
+            raise UserError(f"{override} differs from the run being resumed ({key} was {then}): {fix}")
     resumed.resume = cfg.resume
     return resumed
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

@@ -332,7 +332,7 @@ def test_the_claim_goes_when_the_process_ends(tmp_path):
 def test_a_run_directory_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as exit:
-        ckpt_module._writable_dir(tmp_path / "file" / "run")
+        ckpt_module._run_dir(None, tmp_path / "file" / "run")
     assert exit.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: cannot use {tmp_path / 'file' / 'run'} as the run directory")
 

@@ -217,6 +217,9 @@ def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
     run_dir, other = tmp_path / "run", tmp_path / "other"
     shutil.copytree(trained_runs["alexnet"], run_dir)
     shutil.copytree(trained_runs["alexnet_ac"], other)
+    ckpt = torch.load(other / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["config"]["trainer"]["epochs"] += 1  # unfinished: a finished run is refused before its directory is looked at
+    torch.save(ckpt, other / "checkpoints" / "last.pt")
     before, before_other = snapshot(run_dir), snapshot(other)
     proc = run_main("train.py", f"resume={other / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}",
                       check=False)

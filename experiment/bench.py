@@ -201,18 +201,22 @@ def measure(runners, repeats, device):
             for r in runners]
 
 
-def _measure_group(runners, repeats, device, compile_mode):
-    """Interleaved, except under CUDA graphs (reduce-overhead, max-autotune): there each model is measured
-    alone, so no two models' graphs alternate in the same CUDA-graph tree."""
-    if compile_mode in CUDA_GRAPH_MODES:
-        return [row for r in runners for row in measure([r], repeats, device)]
-    return measure(runners, repeats, device)
+def _measure_group(section, runners, repeats, device, compile_mode, log):
+    """`measure` from fresh compile caches, logging a line per result. Interleaved, except under CUDA graphs
+    (reduce-overhead, max-autotune): there each model is measured alone, so no two models' graphs alternate in
+    the same CUDA-graph tree."""
+    torch._dynamo.reset()  # fresh compile caches per group: no recompile limit, nothing reused
+    groups = [[r] for r in runners] if compile_mode in CUDA_GRAPH_MODES else [runners]
+    rows = [row for group in groups for row in measure(group, repeats, device)]
+    for r in rows:
+        log(f"{section:<6} {r['model']:<16} {r['mode']:<10} batch {r['batch_size']:>5}: {r['img_per_s']:>10,.0f} img/s")
+    return rows
 
 
-def _summary(per_run, batch_size, extra=None):
+def _summary(per_run, batch_size, extra):
     img_s = statistics.median(per_run)
     return {"batch_size": batch_size, "img_per_s": img_s, "step_ms": 1e3 * batch_size / img_s,
-            "runs_img_per_s": per_run, **(extra or {})}
+            "runs_img_per_s": per_run, **extra}
 
 
 def bench_train(kind, batch_size, args, device, compile_mode=None):
@@ -242,12 +246,6 @@ def bench_input(batch_size, args, device):
     result = _summary(per_run, batch_size, {"peak_mem_bytes": peak})
     result["batches_per_s"] = result["img_per_s"] / batch_size
     return result
-
-
-def fusion_check(ac_model, args, device, batch_size=8):
-    """Max |logit difference| between the (trained a few steps) AC model and its fusion, float32, eval mode."""
-    x, _ = next(fake_loader(batch_size, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
-    return logit_difference(ac_model, fuse_model(ac_model), x)["max_abs"]
 
 
 def train_step_flops(model_cfg, image_size):
@@ -345,16 +343,15 @@ def run(args, log=print):
     results["train_step_flops_per_image"] = flops | {"ac_over_baseline": flops["ac"] / flops["baseline"]}
     for bs in args.batch_sizes:
         for mode in modes:
-            torch._dynamo.reset()  # fresh compile caches per group: no recompile limit, nothing reused
             runners = [TrainRunner(kind, bs, args, device, mode) for kind in MODELS]
-            for r in _measure_group(runners, args.repeats, device, mode):
+            for r in _measure_group("train", runners, args.repeats, device, mode, log):
                 r["tflops"] = r["img_per_s"] * flops[r["model"]] / 1e12
                 results["train"].append(r)
-                log(f"train  {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
             ac_model = runners[list(MODELS).index("ac")].model
             del runners
-        if "fused_max_abs_diff" not in results:
-            results["fused_max_abs_diff"] = fusion_check(ac_model, args, device)
+        if "fused_max_abs_diff" not in results:  # the AC model trained a few steps vs its fusion, float32, eval mode
+            x, _ = next(fake_loader(8, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
+            results["fused_max_abs_diff"] = logit_difference(ac_model, fuse_model(ac_model), x)["max_abs"]
         torch.manual_seed(args.seed)
         models = {"ac_unfused": ac_model, "ac_fused": fuse_model(ac_model),
                   "baseline_deploy": fuse_model(build_model(model_config("baseline", args), NUM_CLASSES)).to(device)}
@@ -362,11 +359,8 @@ def run(args, log=print):
         if args.channels_last:
             models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
         for mode in eval_modes:
-            torch._dynamo.reset()
             runners = [EvalRunner(name, m, bs, args, device, mode) for name, m in models.items()]
-            for r in _measure_group(runners, args.repeats, device, mode):
-                results["eval"].append(r)
-                log(f"eval   {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
+            results["eval"] += _measure_group("eval", runners, args.repeats, device, mode, log)
             del runners
         del models
         r = bench_input(bs, args, device)

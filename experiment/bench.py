@@ -288,32 +288,27 @@ def compiled_loss_curve(kind, *, compile_mode=None, steps=5, batch_size=32, widt
     return losses, model
 
 
-def _ratio(a, b):
-    return a / b if a and b else None
-
-
 def ratios(train, evals):
-    out = {"ac_over_baseline_step_time": [], "fused_over_deploy": [], "fused_over_unfused": []}
-    by = {(r["model"], r["mode"], r["batch_size"]): r["img_per_s"] for r in train + evals}
-    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in train):
-        out["ac_over_baseline_step_time"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(by.get(("baseline", mode, bs)), by.get(("ac", mode, bs)))})
-    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in evals):
-        fused = by.get(("ac_fused", mode, bs))
-        out["fused_over_deploy"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("baseline_deploy", mode, bs)))})
-        out["fused_over_unfused"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("ac_unfused", mode, bs)))})
-    return out
+    img_s = {(r["model"], r["mode"], r["batch_size"]): r["img_per_s"] for r in train + evals}
+
+    def per_mode_and_batch(rows, a, b):
+        """img/s of model a over model b for each (mode, batch size) of ``rows``; None where one is missing."""
+        out = []
+        for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in rows):
+            x, y = img_s.get((a, mode, bs)), img_s.get((b, mode, bs))
+            out.append({"mode": mode, "batch_size": bs, "ratio": x / y if x and y else None})
+        return out
+
+    return {"ac_over_baseline_step_time": per_mode_and_batch(train, "baseline", "ac"),
+            "fused_over_deploy": per_mode_and_batch(evals, "ac_fused", "baseline_deploy"),
+            "fused_over_unfused": per_mode_and_batch(evals, "ac_fused", "ac_unfused")}
 
 
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -374,12 +369,14 @@ def _mib(b):
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
-def _fmt_ratio(x):
-    return "-" if x is None else f"{x:.2f}"
-
-
 def format_table(results):
     m, s = results["machine"], results["settings"]
+    ratio_text = {name: {(x["mode"], x["batch_size"]): "-" if x["ratio"] is None else f"{x['ratio']:.2f}" for x in rows}
+                  for name, rows in results["ratios"].items()}
+
+    def ratio(name, r):
+        return ratio_text[name].get((r["mode"], r["batch_size"]), "-")
+
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_threads']} threads, load average {m.get('load_avg_1min', '?')})"
     amp = "bf16 autocast" if s["amp"] and s["device"].startswith("cuda") else "float32"
     lines = [f"{where}, torch {m['torch']}, {m['date']}; {s['layout']} layout {s['image_size']}x{s['image_size']}, "
@@ -388,18 +385,14 @@ def format_table(results):
              f"after {s['warmup']} warm-up",
              "", "| train step | mode | batch | img/s | ms/step | TFLOP/s | peak MiB | AC/baseline step time |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    step_ratio = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["ac_over_baseline_step_time"]}
     for r in results["train"]:
-        ratio = _fmt_ratio(step_ratio.get((r["mode"], r["batch_size"]))) if r["model"] == "ac" else ""
+        step_ratio = ratio("ac_over_baseline_step_time", r) if r["model"] == "ac" else ""
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['step_ms']:.2f} | "
-                     f"{r['tflops']:.3g} | {_mib(r['peak_mem_bytes'])} | {ratio} |")
-    fused_deploy = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_deploy"]}
-    fused_unfused = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_unfused"]}
+                     f"{r['tflops']:.3g} | {_mib(r['peak_mem_bytes'])} | {step_ratio} |")
     lines += ["", "| inference | mode | batch | img/s | peak MiB | fused/deploy | fused/unfused |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in results["eval"]:
-        key = (r["mode"], r["batch_size"])
-        extra = (f"{_fmt_ratio(fused_deploy.get(key))} | {_fmt_ratio(fused_unfused.get(key))}"
+        extra = (f"{ratio('fused_over_deploy', r)} | {ratio('fused_over_unfused', r)}"
                  if r["model"] == "ac_fused" else " | ")
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | "
                      f"{_mib(r['peak_mem_bytes'])} | {extra} |")

@@ -87,10 +87,8 @@ def _sync(device):
 
 
 def _allocated(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
+    _sync(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _compiled(model, mode):
@@ -439,9 +437,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     args.device = select_device(args.device, option="--device")
-    defaults = dict(FULL)
-    if args.quick:
-        defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"]
+    defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"] if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

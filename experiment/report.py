@@ -96,7 +96,13 @@ def load_runs(paths) -> list[dict]:
             missing = [key for key in REQUIRED_KEYS if key not in run]
             if missing:
                 raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
-            _check_accuracies(run, file)
+            # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the
+            # verdict into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
+            for key in [m for m in METRICS if m in run]:
+                value = run[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove "
+                                     "its directory.")
             run["dir"] = str(file.parent)
             key = (run["dataset"], run["model"], run["seed"])
             if key in owner:
@@ -105,18 +111,6 @@ def load_runs(paths) -> list[dict]:
             owner[key] = run["dir"]
             runs.append(run)
     return runs
-
-
-def _check_accuracies(run, file):
-    """A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the verdict
-    into blanks and "+nan": refuse it, naming the file."""
-    for key in METRICS:
-        value = run.get(key)
-        if key == "test_acc1" and key not in run:  # written from the validation-split change on
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove its "
-                             "directory.")
 
 
 def _mean_std(values) -> tuple[float, float]:

@@ -113,17 +113,16 @@ def load_runs(paths) -> list[dict]:
     return runs
 
 
-def _mean_std(values) -> tuple[float, float]:
-    """Mean and sample std (ddof=1); the std of fewer than two values is undefined, so NaN."""
+def _mean_std(values) -> tuple[float, float, float]:
+    """Mean, sample std (ddof=1) and half the width of the 95% Student-t confidence interval of the mean; the
+    std and the interval of fewer than two values are undefined, so NaN."""
     values = np.asarray(values, dtype=float)
-    mean = float(values.mean()) if values.size else math.nan
-    std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-    return mean, std
-
-
-def _t_half_width(sd: float, n: int) -> float:
-    """Half the width of the 95% Student-t confidence interval of a mean of ``n`` values; NaN below two."""
-    return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    n = values.size
+    mean = float(values.mean()) if n else math.nan
+    if n < 2:
+        return mean, math.nan, math.nan
+    std = float(values.std(ddof=1))
+    return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
 
 
 def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
@@ -154,7 +153,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             seeds = models[model]
             row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
             for metric in METRICS:
-                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([_value(r, metric) for r in seeds.values()])
+                row[f"{metric}_mean"], row[f"{metric}_std"], _ = _mean_std([_value(r, metric) for r in seeds.values()])
             rows.append(row)
     return rows
 
@@ -179,8 +178,7 @@ def paired_differences(runs: list[dict]) -> list[dict]:
                    "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys()),
                    "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
-                mean, sd = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
-                half = _t_half_width(sd, n)
+                mean, sd, half = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
             rows.append(row)
@@ -318,8 +316,8 @@ MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
 
 def _mean_band(values) -> tuple[float, float, float]:
     """Mean and its 95% Student-t interval (low, high); with one value the band has no width."""
-    mean, sd = _mean_std(values)
-    half = _t_half_width(sd, len(values)) if len(values) > 1 else 0.0
+    mean, _, half = _mean_std(values)
+    half = half if len(values) > 1 else 0.0
     return mean, mean - half, mean + half
 
 

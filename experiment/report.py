@@ -400,7 +400,6 @@ def main(argv=None) -> int:
     return 0
 
 
-
 def _new_figure(**kwargs) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -438,13 +437,11 @@ def save_confusion_matrix(matrix, class_names, path) -> Path:
     fig.colorbar(image, ax=ax, label="fraction of true class")
     ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), labels=class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=8,
-                        color="white" if fractions[i, j] > 0.5 else "black")
+        for i, j in np.ndindex(n, n):
+            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=8,
+                    color="white" if fractions[i, j] > 0.5 else "black")
     return _save(fig, path)
 
 
@@ -458,15 +455,11 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     skeletons = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Conv2d):
-            continue
-        kh, kw = module.kernel_size
-        if kh != kw or kh == 1:
-            continue
-        magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
-        peak = magnitude.max()
-        # An all-zero layer stays all zero rather than turning into NaN.
-        skeletons.append((name, magnitude / peak if peak > 0 else magnitude))
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1] > 1:
+            magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
+            peak = magnitude.max()
+            # An all-zero layer stays all zero rather than turning into NaN.
+            skeletons.append((name, magnitude / peak if peak > 0 else magnitude))
     return skeletons
 
 
@@ -505,8 +498,7 @@ def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]],
             image = ax.imshow(np.asarray(skeleton), cmap="magma", vmin=0.0, vmax=1.0)
             ax.set_title(layer, fontsize=font)
             ax.set_axis_on()
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
         axes[index * rows_per_model, 0].set_ylabel(label, fontsize=font + 1)
     colorbar = fig.colorbar(image, ax=axes, shrink=0.8)
     colorbar.ax.tick_params(labelsize=font)
@@ -535,17 +527,14 @@ def save_curves(runs: list[dict], path) -> Path:
     fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
-        ax.set_title(dataset)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation top-1 (%)")
+        ax.set(title=dataset, xlabel="epoch", ylabel="validation top-1 (%)")
         if not curves[dataset]:
             ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
             continue
         for model, seeds in sorted(curves[dataset].items()):
             epochs = sorted(set().union(*seeds))
             values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean = np.array([np.mean(v) for v in values])
-            std = np.array([np.std(v, ddof=1) if len(v) > 1 else math.nan for v in values])
+            mean, std, _ = np.array([_mean_std(v) for v in values]).T
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.grid(alpha=0.3)

@@ -196,9 +196,8 @@ def verdict(pair: dict, metric: str | None = None) -> str:
     if n == 1:
         return f"{change} over 1 seed: no confidence interval from one pair, run more seeds"
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
-    excludes = low > 0 or high < 0
     return (f"{change}, 95% CI [{low:+.2f}, {high:+.2f}] over {n} seeds: "
-            + ("excludes 0" if excludes else "includes 0: not shown to be real"))
+            + ("excludes 0" if low > 0 or high < 0 else "includes 0: not shown to be real"))
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -372,10 +371,9 @@ def write_tensorboard(runs: list[dict], out) -> Path:
             if index == 0:
                 writer.add_custom_scalars(tensorboard_layout())
             for tag, points in tags.items():
-                for epoch, mean, low, high in points:
-                    writer.add_scalar(tag, mean, epoch)
-                    writer.add_scalar(f"{tag}_low", low, epoch)
-                    writer.add_scalar(f"{tag}_high", high, epoch)
+                for epoch, *values in points:  # mean, low, high
+                    for suffix, value in zip(("", "_low", "_high"), values):
+                        writer.add_scalar(tag + suffix, value, epoch)
     return root
 
 

@@ -437,18 +437,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     args.device = select_device(args.device, option="--device")
-    defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"] if args.quick else FULL
+    sizes = QUICK["cuda" if args.device.type == "cuda" else "cpu"] if args.quick else FULL
+    defaults = sizes | {"image_size": 224 if args.layout == "imagenet" else 32,
+                        "channels_last": args.device.type == "cuda"}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size is None:
-        args.image_size = 224 if args.layout == "imagenet" else 32
     if args.threads is not None:
         if args.threads < 1:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.channels_last is None:
-        args.channels_last = args.device.type == "cuda"
     if min(args.batch_sizes) < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--batch-sizes must be >= 2 (BatchNorm), --steps and --repeats >= 1, --warmup >= 0")
     return args

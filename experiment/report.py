@@ -51,9 +51,7 @@ def baseline_of(model: str) -> str | None:
     """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
     None for others."""
     head, marker, tail = model.partition("_ac")
-    if not head or not marker or tail[:1] not in ("", "_"):
-        return None
-    return head + tail
+    return head + tail if head and marker and tail[:1] in ("", "_") else None
 
 
 def _model_order(model: str) -> tuple[str, bool]:

@@ -87,10 +87,8 @@ def _sync(device):
 
 
 def _allocated(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
+    _sync(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _compiled(model, mode):
@@ -201,18 +199,22 @@ def measure(runners, repeats, device):
             for r in runners]
 
 
-def _measure_group(runners, repeats, device, compile_mode):
-    """Interleaved, except under CUDA graphs (reduce-overhead, max-autotune): there each model is measured
-    alone, so no two models' graphs alternate in the same CUDA-graph tree."""
-    if compile_mode in CUDA_GRAPH_MODES:
-        return [row for r in runners for row in measure([r], repeats, device)]
-    return measure(runners, repeats, device)
+def _measure_group(section, runners, repeats, device, compile_mode, log):
+    """`measure` from fresh compile caches, logging a line per result. Interleaved, except under CUDA graphs
+    (reduce-overhead, max-autotune): there each model is measured alone, so no two models' graphs alternate in
+    the same CUDA-graph tree."""
+    torch._dynamo.reset()  # fresh compile caches per group: no recompile limit, nothing reused
+    groups = [[r] for r in runners] if compile_mode in CUDA_GRAPH_MODES else [runners]
+    rows = [row for group in groups for row in measure(group, repeats, device)]
+    for r in rows:
+        log(f"{section:<6} {r['model']:<16} {r['mode']:<10} batch {r['batch_size']:>5}: {r['img_per_s']:>10,.0f} img/s")
+    return rows
 
 
-def _summary(per_run, batch_size, extra=None):
+def _summary(per_run, batch_size, extra):
     img_s = statistics.median(per_run)
     return {"batch_size": batch_size, "img_per_s": img_s, "step_ms": 1e3 * batch_size / img_s,
-            "runs_img_per_s": per_run, **(extra or {})}
+            "runs_img_per_s": per_run, **extra}
 
 
 def bench_train(kind, batch_size, args, device, compile_mode=None):
@@ -242,12 +244,6 @@ def bench_input(batch_size, args, device):
     result = _summary(per_run, batch_size, {"peak_mem_bytes": peak})
     result["batches_per_s"] = result["img_per_s"] / batch_size
     return result
-
-
-def fusion_check(ac_model, args, device, batch_size=8):
-    """Max |logit difference| between the (trained a few steps) AC model and its fusion, float32, eval mode."""
-    x, _ = next(fake_loader(batch_size, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
-    return logit_difference(ac_model, fuse_model(ac_model), x)["max_abs"]
 
 
 def train_step_flops(model_cfg, image_size):
@@ -290,32 +286,27 @@ def compiled_loss_curve(kind, *, compile_mode=None, steps=5, batch_size=32, widt
     return losses, model
 
 
-def _ratio(a, b):
-    return a / b if a and b else None
-
-
 def ratios(train, evals):
-    out = {"ac_over_baseline_step_time": [], "fused_over_deploy": [], "fused_over_unfused": []}
-    by = {(r["model"], r["mode"], r["batch_size"]): r["img_per_s"] for r in train + evals}
-    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in train):
-        out["ac_over_baseline_step_time"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(by.get(("baseline", mode, bs)), by.get(("ac", mode, bs)))})
-    for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in evals):
-        fused = by.get(("ac_fused", mode, bs))
-        out["fused_over_deploy"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("baseline_deploy", mode, bs)))})
-        out["fused_over_unfused"].append(
-            {"mode": mode, "batch_size": bs, "ratio": _ratio(fused, by.get(("ac_unfused", mode, bs)))})
-    return out
+    img_s = {(r["model"], r["mode"], r["batch_size"]): r["img_per_s"] for r in train + evals}
+
+    def per_mode_and_batch(rows, a, b):
+        """img/s of model a over model b for each (mode, batch size) of ``rows``; None where one is missing."""
+        out = []
+        for mode, bs in dict.fromkeys((r["mode"], r["batch_size"]) for r in rows):
+            x, y = img_s.get((a, mode, bs)), img_s.get((b, mode, bs))
+            out.append({"mode": mode, "batch_size": bs, "ratio": x / y if x and y else None})
+        return out
+
+    return {"ac_over_baseline_step_time": per_mode_and_batch(train, "baseline", "ac"),
+            "fused_over_deploy": per_mode_and_batch(evals, "ac_fused", "baseline_deploy"),
+            "fused_over_unfused": per_mode_and_batch(evals, "ac_fused", "ac_unfused")}
 
 
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -345,16 +336,15 @@ def run(args, log=print):
     results["train_step_flops_per_image"] = flops | {"ac_over_baseline": flops["ac"] / flops["baseline"]}
     for bs in args.batch_sizes:
         for mode in modes:
-            torch._dynamo.reset()  # fresh compile caches per group: no recompile limit, nothing reused
             runners = [TrainRunner(kind, bs, args, device, mode) for kind in MODELS]
-            for r in _measure_group(runners, args.repeats, device, mode):
+            for r in _measure_group("train", runners, args.repeats, device, mode, log):
                 r["tflops"] = r["img_per_s"] * flops[r["model"]] / 1e12
                 results["train"].append(r)
-                log(f"train  {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
             ac_model = runners[list(MODELS).index("ac")].model
             del runners
-        if "fused_max_abs_diff" not in results:
-            results["fused_max_abs_diff"] = fusion_check(ac_model, args, device)
+        if "fused_max_abs_diff" not in results:  # the AC model trained a few steps vs its fusion, float32, eval mode
+            x, _ = next(fake_loader(8, 1, args.image_size, device, train=False, seed=args.seed).epoch(0))
+            results["fused_max_abs_diff"] = logit_difference(ac_model, fuse_model(ac_model), x)["max_abs"]
         torch.manual_seed(args.seed)
         models = {"ac_unfused": ac_model, "ac_fused": fuse_model(ac_model),
                   "baseline_deploy": fuse_model(build_model(model_config("baseline", args), NUM_CLASSES)).to(device)}
@@ -362,11 +352,8 @@ def run(args, log=print):
         if args.channels_last:
             models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
         for mode in eval_modes:
-            torch._dynamo.reset()
             runners = [EvalRunner(name, m, bs, args, device, mode) for name, m in models.items()]
-            for r in _measure_group(runners, args.repeats, device, mode):
-                results["eval"].append(r)
-                log(f"eval   {r['model']:<16} {r['mode']:<10} batch {bs:>5}: {r['img_per_s']:>10,.0f} img/s")
+            results["eval"] += _measure_group("eval", runners, args.repeats, device, mode, log)
             del runners
         del models
         r = bench_input(bs, args, device)
@@ -380,12 +367,14 @@ def _mib(b):
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
-def _fmt_ratio(x):
-    return "-" if x is None else f"{x:.2f}"
-
-
 def format_table(results):
     m, s = results["machine"], results["settings"]
+    ratio_text = {name: {(x["mode"], x["batch_size"]): "-" if x["ratio"] is None else f"{x['ratio']:.2f}" for x in rows}
+                  for name, rows in results["ratios"].items()}
+
+    def ratio(name, r):
+        return ratio_text[name].get((r["mode"], r["batch_size"]), "-")
+
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_threads']} threads, load average {m.get('load_avg_1min', '?')})"
     amp = "bf16 autocast" if s["amp"] and s["device"].startswith("cuda") else "float32"
     lines = [f"{where}, torch {m['torch']}, {m['date']}; {s['layout']} layout {s['image_size']}x{s['image_size']}, "
@@ -394,18 +383,14 @@ def format_table(results):
              f"after {s['warmup']} warm-up",
              "", "| train step | mode | batch | img/s | ms/step | TFLOP/s | peak MiB | AC/baseline step time |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    step_ratio = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["ac_over_baseline_step_time"]}
     for r in results["train"]:
-        ratio = _fmt_ratio(step_ratio.get((r["mode"], r["batch_size"]))) if r["model"] == "ac" else ""
+        step_ratio = ratio("ac_over_baseline_step_time", r) if r["model"] == "ac" else ""
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | {r['step_ms']:.2f} | "
-                     f"{r['tflops']:.3g} | {_mib(r['peak_mem_bytes'])} | {ratio} |")
-    fused_deploy = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_deploy"]}
-    fused_unfused = {(r["mode"], r["batch_size"]): r["ratio"] for r in results["ratios"]["fused_over_unfused"]}
+                     f"{r['tflops']:.3g} | {_mib(r['peak_mem_bytes'])} | {step_ratio} |")
     lines += ["", "| inference | mode | batch | img/s | peak MiB | fused/deploy | fused/unfused |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in results["eval"]:
-        key = (r["mode"], r["batch_size"])
-        extra = (f"{_fmt_ratio(fused_deploy.get(key))} | {_fmt_ratio(fused_unfused.get(key))}"
+        extra = (f"{ratio('fused_over_deploy', r)} | {ratio('fused_over_unfused', r)}"
                  if r["model"] == "ac_fused" else " | ")
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch_size']} | {r['img_per_s']:,.0f} | "
                      f"{_mib(r['peak_mem_bytes'])} | {extra} |")
@@ -452,20 +437,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = argv
     args.device = select_device(args.device, option="--device")
-    defaults = dict(FULL)
-    if args.quick:
-        defaults = QUICK["cuda" if args.device.type == "cuda" else "cpu"]
+    sizes = QUICK["cuda" if args.device.type == "cuda" else "cpu"] if args.quick else FULL
+    defaults = sizes | {"image_size": 224 if args.layout == "imagenet" else 32,
+                        "channels_last": args.device.type == "cuda"}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size is None:
-        args.image_size = 224 if args.layout == "imagenet" else 32
     if args.threads is not None:
         if args.threads < 1:
             raise UserError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.channels_last is None:
-        args.channels_last = args.device.type == "cuda"
     if min(args.batch_sizes) < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--batch-sizes must be >= 2 (BatchNorm), --steps and --repeats >= 1, --warmup >= 0")
     return args

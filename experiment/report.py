@@ -51,9 +51,7 @@ def baseline_of(model: str) -> str | None:
     """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
     None for others."""
     head, marker, tail = model.partition("_ac")
-    if not head or not marker or tail[:1] not in ("", "_"):
-        return None
-    return head + tail
+    return head + tail if head and marker and tail[:1] in ("", "_") else None
 
 
 def _model_order(model: str) -> tuple[str, bool]:
@@ -96,7 +94,13 @@ def load_runs(paths) -> list[dict]:
             missing = [key for key in REQUIRED_KEYS if key not in run]
             if missing:
                 raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
-            _check_accuracies(run, file)
+            # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the
+            # verdict into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
+            for key in [m for m in METRICS if m in run]:
+                value = run[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove "
+                                     "its directory.")
             run["dir"] = str(file.parent)
             key = (run["dataset"], run["model"], run["seed"])
             if key in owner:
@@ -107,29 +111,16 @@ def load_runs(paths) -> list[dict]:
     return runs
 
 
-def _check_accuracies(run, file):
-    """A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the verdict
-    into blanks and "+nan": refuse it, naming the file."""
-    for key in METRICS:
-        value = run.get(key)
-        if key == "test_acc1" and key not in run:  # written from the validation-split change on
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove its "
-                             "directory.")
-
-
-def _mean_std(values) -> tuple[float, float]:
-    """Mean and sample std (ddof=1); the std of fewer than two values is undefined, so NaN."""
+def _mean_std(values) -> tuple[float, float, float]:
+    """Mean, sample std (ddof=1) and half the width of the 95% Student-t confidence interval of the mean; the
+    std and the interval of fewer than two values are undefined, so NaN."""
     values = np.asarray(values, dtype=float)
-    mean = float(values.mean()) if values.size else math.nan
-    std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-    return mean, std
-
-
-def _t_half_width(sd: float, n: int) -> float:
-    """Half the width of the 95% Student-t confidence interval of a mean of ``n`` values; NaN below two."""
-    return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    n = values.size
+    mean = float(values.mean()) if n else math.nan
+    if n < 2:
+        return mean, math.nan, math.nan
+    std = float(values.std(ddof=1))
+    return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
 
 
 def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
@@ -160,7 +151,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             seeds = models[model]
             row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
             for metric in METRICS:
-                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([_value(r, metric) for r in seeds.values()])
+                row[f"{metric}_mean"], row[f"{metric}_std"], _ = _mean_std([_value(r, metric) for r in seeds.values()])
             rows.append(row)
     return rows
 
@@ -185,8 +176,7 @@ def paired_differences(runs: list[dict]) -> list[dict]:
                    "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys()),
                    "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
-                mean, sd = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
-                half = _t_half_width(sd, n)
+                mean, sd, half = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
             rows.append(row)
@@ -204,9 +194,8 @@ def verdict(pair: dict, metric: str | None = None) -> str:
     if n == 1:
         return f"{change} over 1 seed: no confidence interval from one pair, run more seeds"
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
-    excludes = low > 0 or high < 0
     return (f"{change}, 95% CI [{low:+.2f}, {high:+.2f}] over {n} seeds: "
-            + ("excludes 0" if excludes else "includes 0: not shown to be real"))
+            + ("excludes 0" if low > 0 or high < 0 else "includes 0: not shown to be real"))
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -324,8 +313,8 @@ MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
 
 def _mean_band(values) -> tuple[float, float, float]:
     """Mean and its 95% Student-t interval (low, high); with one value the band has no width."""
-    mean, sd = _mean_std(values)
-    half = _t_half_width(sd, len(values)) if len(values) > 1 else 0.0
+    mean, _, half = _mean_std(values)
+    half = half if len(values) > 1 else 0.0
     return mean, mean - half, mean + half
 
 
@@ -380,10 +369,9 @@ def write_tensorboard(runs: list[dict], out) -> Path:
             if index == 0:
                 writer.add_custom_scalars(tensorboard_layout())
             for tag, points in tags.items():
-                for epoch, mean, low, high in points:
-                    writer.add_scalar(tag, mean, epoch)
-                    writer.add_scalar(f"{tag}_low", low, epoch)
-                    writer.add_scalar(f"{tag}_high", high, epoch)
+                for epoch, *values in points:  # mean, low, high
+                    for suffix, value in zip(("", "_low", "_high"), values):
+                        writer.add_scalar(tag + suffix, value, epoch)
     return root
 
 
@@ -406,7 +394,6 @@ def main(argv=None) -> int:
           f"mean-over-seeds TensorBoard runs ({TENSORBOARD_DIR}/) to {out}; view: tensorboard --logdir {out}",
           file=sys.stderr)
     return 0
-
 
 
 def _new_figure(**kwargs) -> Figure:
@@ -446,13 +433,11 @@ def save_confusion_matrix(matrix, class_names, path) -> Path:
     fig.colorbar(image, ax=ax, label="fraction of true class")
     ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), labels=class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=8,
-                        color="white" if fractions[i, j] > 0.5 else "black")
+        for i, j in np.ndindex(n, n):
+            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=8,
+                    color="white" if fractions[i, j] > 0.5 else "black")
     return _save(fig, path)
 
 
@@ -466,15 +451,11 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     skeletons = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Conv2d):
-            continue
-        kh, kw = module.kernel_size
-        if kh != kw or kh == 1:
-            continue
-        magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
-        peak = magnitude.max()
-        # An all-zero layer stays all zero rather than turning into NaN.
-        skeletons.append((name, magnitude / peak if peak > 0 else magnitude))
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1] > 1:
+            magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
+            peak = magnitude.max()
+            # An all-zero layer stays all zero rather than turning into NaN.
+            skeletons.append((name, magnitude / peak if peak > 0 else magnitude))
     return skeletons
 
 
@@ -513,8 +494,7 @@ def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]],
             image = ax.imshow(np.asarray(skeleton), cmap="magma", vmin=0.0, vmax=1.0)
             ax.set_title(layer, fontsize=font)
             ax.set_axis_on()
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
         axes[index * rows_per_model, 0].set_ylabel(label, fontsize=font + 1)
     colorbar = fig.colorbar(image, ax=axes, shrink=0.8)
     colorbar.ax.tick_params(labelsize=font)
@@ -543,17 +523,14 @@ def save_curves(runs: list[dict], path) -> Path:
     fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
-        ax.set_title(dataset)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation top-1 (%)")
+        ax.set(title=dataset, xlabel="epoch", ylabel="validation top-1 (%)")
         if not curves[dataset]:
             ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
             continue
         for model, seeds in sorted(curves[dataset].items()):
             epochs = sorted(set().union(*seeds))
             values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean = np.array([np.mean(v) for v in values])
-            std = np.array([np.std(v, ddof=1) if len(v) > 1 else math.nan for v in values])
+            mean, std, _ = np.array([_mean_std(v) for v in values]).T
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.grid(alpha=0.3)

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 import torch
 
-from experiment.checkpoint import check_outputs, load_checkpoint, publish, save_checkpoint, staging_path
+from experiment.checkpoint import atomic_write, check_outputs, load_checkpoint, save_checkpoint
 from experiment.complexity import count_macs, count_parameters
 from experiment.config import FUSE_RULES, check_values
 from experiment.data import checkpoint_test_loader
@@ -51,25 +51,20 @@ def main(cfg):
     real = real[:cfg.check_batch]
     noise = torch.randn((cfg.check_batch, *real.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     checks = {"random input": logit_difference(model, fused, noise), "test batch": logit_difference(model, fused, real)}
-    # Every output goes to a temporary file first and replaces an earlier export only once all checks passed.
-    staged = staging_path(onnx_path) if onnx_path else None
-    try:
-        if staged:
-            export_onnx(fused.cpu(), real[:2].cpu(), staged)
-            checks["onnx, test batch"] = onnx_logit_difference(staged, fused.cpu(), real.cpu())
-        for name, c in checks.items():
-            log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
-                     name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
-        if any(not c["max_abs"] <= cfg.tolerance for c in checks.values()):  # a NaN difference fails too
-            log.error("fusion is NOT exact: a logit differs by more than tolerance=%.1e; nothing written",
-                      cfg.tolerance)
-            sys.exit(1)
-        save_checkpoint(deploy_checkpoint(ckpt, fused, cfg.ckpt), out)
-        if staged:
-            publish(staged, onnx_path)
-    finally:
-        if staged:
-            staged.unlink(missing_ok=True)
+    onnx_model = None
+    if onnx_path:
+        onnx_model = export_onnx(fused.cpu(), real[:2].cpu())
+        checks["onnx, test batch"] = onnx_logit_difference(onnx_model, fused.cpu(), real.cpu())
+    for name, c in checks.items():
+        log.info("%-17s max |logit diff| %.3e (relative %.3e), argmax agreement %.1f%% on %d images",
+                 name, c["max_abs"], c["max_rel"], 100 * c["argmax_agree"], c["num_samples"])
+    if any(not c["max_abs"] <= cfg.tolerance for c in checks.values()):  # a NaN difference fails too
+        log.error("fusion is NOT exact: a logit differs by more than tolerance=%.1e; nothing written", cfg.tolerance)
+        sys.exit(1)
+    # Written only now that every check passed, each atomically: an earlier export stays until then.
+    save_checkpoint(deploy_checkpoint(ckpt, fused, cfg.ckpt), out)
+    if onnx_model:
+        atomic_write(onnx_path, lambda f: f.write(onnx_model), what="ONNX file")
     size = real.shape[1:]
     log.info("parameters %s -> %s, multiply-accumulates per %s image %s -> %s",
              f"{count_parameters(model):,}", f"{count_parameters(fused):,}", "x".join(map(str, size)),

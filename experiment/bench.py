@@ -217,12 +217,6 @@ def _summary(per_run, batch_size, extra):
             "runs_img_per_s": per_run, **extra}
 
 
-def bench_train(kind, batch_size, args, device, compile_mode=None):
-    """(result, trained model) of one model measured alone."""
-    runner = TrainRunner(kind, batch_size, args, device, compile_mode)
-    return measure([runner], args.repeats, device)[0], runner.model
-
-
 def bench_input(batch_size, args, device):
     """Images/s of the training DeviceLoader alone (crop, flip, normalisation of whole batches)."""
     start = _allocated(device)
@@ -257,33 +251,6 @@ def train_step_flops(model_cfg, image_size):
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops()
-
-
-def compiled_loss_curve(kind, *, compile_mode=None, steps=5, batch_size=32, width=0.25, classifier_width=64,
-                        image_size=32, device="cpu", seed=0):
-    """(per-step training losses, trained model) of `steps` one-step epochs of train_one_epoch, eager
-    (compile_mode None) or compiled, float32. Inductor draws dropout masks from its own generator unless
-    `fallback_random`, so it is set here: with it, eager and compiled see the same masks and the two curves
-    can be compared."""
-    import torch._inductor.config as inductor_config
-
-    device = torch.device(device)
-    args = argparse.Namespace(layout="cifar", width=width, classifier_width=classifier_width, dropout=0.5)
-    optimizer_cfg, scheduler_cfg, _ = training_config()
-    loader = fake_loader(batch_size, 1, image_size, device, seed=seed)
-    torch.manual_seed(seed)
-    model = build_model(model_config(kind, args), NUM_CLASSES).to(device)
-    optimizer = build_optimizer(model, optimizer_cfg)
-    scheduler = build_scheduler(optimizer, scheduler_cfg, steps, 1)
-    torch._dynamo.reset()
-    fast = _compiled(model, compile_mode) if compile_mode else model
-    losses = []
-    with inductor_config.patch(fallback_random=True):
-        for epoch in range(steps):
-            torch.manual_seed(seed + 1 + epoch)
-            totals, _ = train_one_epoch(fast, loader, optimizer, scheduler, epoch=epoch, device=device)
-            losses.append(totals.loss_sum / totals.count)
-    return losses, model
 
 
 def ratios(train, evals):

@@ -399,19 +399,3 @@ def _check_folder(path, option):
         raise UserError(f"cannot write {path}: {folder} is {problem}; pass another {option}= in a writable folder")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")
-
-
-def staging_path(path):
-    """A temporary name beside `path` for a file written by other code (e.g. the ONNX exporter), moved onto
-    `path` by `publish` only once every check passed; a killed writer's leftover is removed at the next
-    write of `path` (`experiment.checkpoint.remove_stale_temporaries`)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.staged.tmp")
-
-
-def publish(staged, path):
-    try:
-        os.replace(staged, path)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or fix permissions") from None
-    return Path(path)

@@ -143,28 +143,27 @@ def logit_difference(model_a, model_b, images):
         return compare_logits(model_a.eval()(images), model_b.eval()(images))
 
 
-def export_onnx(model, example, path):
-    """Export with a dynamic batch dimension."""
+def export_onnx(model, example):
+    """The ONNX model's bytes, with a dynamic batch dimension: kept in memory until every check has passed."""
     from torch.export import Dim
 
     for name in ("onnxscript", "onnx_ir"):  # their optimiser narrates each pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=({0: Dim("batch")},), external_data=False,
-                          verbose=False)
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
+                                    output_names=["logits"], dynamic_shapes=({0: Dim("batch")},), verbose=False)
     except ImportError as e:
         raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install -r requirements.txt") from None
-    return path
+    return program.model_proto.SerializeToString()
 
 
-def onnx_logit_difference(path, model, images):
-    """Run the exported file with onnxruntime on `images`; compare with PyTorch as `logit_difference` does."""
+def onnx_logit_difference(onnx_model, model, images):
+    """Run the exported model (bytes) with onnxruntime on `images`; compare with PyTorch as `logit_difference` does."""
     try:
         import onnxruntime
     except ImportError:
         raise UserError("checking the ONNX export needs onnxruntime; pip install -r requirements.txt") from None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     onnx_logits = torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
     with torch.no_grad():
         return compare_logits(model.eval()(images), onnx_logits)

@@ -50,7 +50,7 @@ def loss_check(out):
     """Eager and torch.compile'd training from the same seed, float32 on CUDA: per-step losses side by side."""
     import torch
 
-    from experiment.bench import compiled_loss_curve
+    from compiled_vs_eager import compiled_loss_curve  # beside this script
 
     result = {}
     for kind in ("baseline", "ac"):

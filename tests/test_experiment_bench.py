@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from compiled_vs_eager import compiled_loss_curve
 from experiment import bench
 from nets import fuse_model
 
@@ -69,7 +70,9 @@ def test_bad_option_is_one_line_error(capsys):
 def test_trained_ac_model_fuses_to_the_same_logits():
     """Sanity check (nets' tests prove fusion): after a few real training steps, so BN statistics are not trivial."""
     args = bench.parse_args([*TINY])
-    _, model = bench.bench_train("ac", 8, args, args.device)
+    runner = bench.TrainRunner("ac", 8, args, args.device)
+    bench.measure([runner], args.repeats, args.device)
+    model = runner.model
     x, _ = next(bench.fake_loader(16, 1, 32, args.device, train=False).epoch(0))
     model.eval()
     with torch.no_grad():
@@ -86,8 +89,8 @@ def test_training_step_flops_ratio_at_full_width():
 @pytest.mark.parametrize("kind", ["baseline", "ac"])
 def test_compiled_model_trains_to_the_same_losses_as_eager_on_cpu(kind):
     """The fast path (torch.compile, inductor's C++ backend on CPU) follows eager's loss curve in float32."""
-    eager_losses, eager = bench.compiled_loss_curve(kind, steps=5)
-    fast_losses, fast = bench.compiled_loss_curve(kind, compile_mode="default", steps=5)
+    eager_losses, eager = compiled_loss_curve(kind, steps=5)
+    fast_losses, fast = compiled_loss_curve(kind, compile_mode="default", steps=5)
     assert fast_losses == pytest.approx(eager_losses, rel=1e-5)
     for (name, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

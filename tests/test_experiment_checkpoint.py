@@ -15,8 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from conftest import ROOT
 from experiment import checkpoint as ckpt_module
 from experiment.checkpoint import (CLAIM, TRAINING_KEYS, check_outputs, check_run_dir_free, claim_run_dir,
-                                   load_checkpoint, publish, release_run_dir, resume_command, rng_state,
-                                   run_dir_of_checkpoint, save_checkpoint, set_rng_state, staging_path)
+                                   load_checkpoint, release_run_dir, resume_command, rng_state,
+                                   run_dir_of_checkpoint, save_checkpoint, set_rng_state)
 from experiment.errors import UserError
 
 
@@ -391,11 +391,3 @@ def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
         check_outputs([tmp_path / "ro" / "sub" / "x.json"], [])
 
 
-def test_a_staged_file_replaces_the_output_only_when_published(tmp_path):
-    out = tmp_path / "m.onnx"
-    out.write_bytes(b"old")
-    staged = staging_path(out)
-    staged.write_bytes(b"new")
-    assert out.read_bytes() == b"old" and staged.parent == out.parent
-    publish(staged, out)
-    assert out.read_bytes() == b"new" and not staged.exists()

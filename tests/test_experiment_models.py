@@ -4,7 +4,8 @@ import torchvision
 
 from experiment.models import deploy_checkpoint
 from experiment.errors import UserError
-from experiment.models import build_model, check_input_fits, deploy_config, model_from_checkpoint
+from experiment.models import (build_model, check_input_fits, deploy_config, export_onnx, model_from_checkpoint,
+                               onnx_logit_difference)
 from nets import ACBlock, AlexNet, fuse_model
 
 RESNET = {"name": "resnet18_ac", "source": "torchvision", "arch": "resnet18", "ac": True, "kernel_sizes": [3, 5],
@@ -50,3 +51,13 @@ def test_input_too_small_says_what_to_do(layout, hint):
     model = AlexNet(layout=layout, width=0.125, classifier_width=16)
     with pytest.raises(UserError, match=hint):
         check_input_fits(model, torch.randn(1, 3, 1, 1) if layout == "cifar" else torch.randn(1, 3, 32, 32), "m")
+
+
+def test_onnx_export_is_made_and_checked_in_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = AlexNet(10, width=0.125, classifier_width=32, bn=False).eval()
+    x = torch.randn(3, 3, 32, 32)
+    exported = export_onnx(model, x[:2])
+    assert isinstance(exported, bytes) and list(tmp_path.iterdir()) == []  # nothing on disk before fuse.py writes it
+    check = onnx_logit_difference(exported, model, x)  # a batch size other than the example's: dynamic batch
+    assert check["num_samples"] == 3 and check["max_abs"] < 1e-4 and check["argmax_agree"] == 1.0

@@ -37,10 +37,10 @@ from experiment.errors import UserError
 TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "best_acc1", "history", "rng", "train_totals")
 
 
-def atomic_write(path, write, what="file"):
+def atomic_write(path, write, what="file", then=""):
     """Call `write(binary file)` on a temporary file beside `path`, then rename it to `path`: a crash never
     leaves a half-written `path`. A failed write (a full disk, no permission) leaves `path` as it was,
-    removes the temporary file and raises a UserError."""
+    removes the temporary file and raises a UserError whose advice ends with `then`."""
     path = Path(path)
     tmp = None
     try:
@@ -58,7 +58,7 @@ def atomic_write(path, write, what="file"):
             Path(tmp).unlink(missing_ok=True)
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
         raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
-                        f"(df -h {path.parent}) or fix permissions, then resume from the last checkpoint") from None
+                        f"(df -h {path.parent}) or fix permissions{then}") from None
     except BaseException:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
@@ -87,9 +87,9 @@ def pid_alive(pid):
     return True
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, then=""):
     """Write a checkpoint atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+    return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint", then=then)
 
 
 def link_checkpoint(source, path):
@@ -105,6 +105,9 @@ def link_checkpoint(source, path):
         tmp.unlink(missing_ok=True)
         atomic_write(path, lambda f: f.write(Path(source).read_bytes()), what="checkpoint")
     return path
+
+
+RESUME_HINT = ", then resume from the last checkpoint"  # what a training run's failed save advises
 
 
 class CheckpointSaver:
@@ -126,15 +129,15 @@ class CheckpointSaver:
             return
         last, best = self.directory / "last.pt", self.directory / "best.pt"
         if save_last:
-            save_checkpoint(state, last)
+            save_checkpoint(state, last, then=RESUME_HINT)
         if is_best and save_last:  # the same state: a second name, not a second write
             link_checkpoint(last, best)
         elif is_best:
-            save_checkpoint(state, best)
+            save_checkpoint(state, best, then=RESUME_HINT)
 
     def save_interrupted(self, state):
         """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""
-        return save_checkpoint(state, self.directory / "last.pt") if self.enabled else None
+        return save_checkpoint(state, self.directory / "last.pt", then=RESUME_HINT) if self.enabled else None
 
 
 def _first_line(error, limit=160):
@@ -230,6 +233,10 @@ def _run_dir(resume, new_dir):
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
     path = run_dir_of_checkpoint(resume) if resume else new_dir
     _exit_if_unusable_run_dir(path)  # Hydra makes the directory next, and reports a failure with a traceback
+    try:  # what the check cannot foresee: a name too long, a full disk, a quota
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _exit_unusable_run_dir(path, e.strerror or e)
     return str(path)
 
 
@@ -247,13 +254,17 @@ def _exit_if_unusable_run_dir(path):
     """The usual one line and exit status 2, before anything is created, when `path` cannot become a folder."""
     folder, problem = _folder_problem(Path(path))
     if problem:
-        print(f"error: cannot use {path} as the run directory ({folder} is {problem}); pass a writable "
-              f"hydra.run.dir", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit_unusable_run_dir(path, f"{folder} is {problem}")
+
+
+def _exit_unusable_run_dir(path, why):
+    print(f"error: cannot use {path} as the run directory ({why}); pass a writable hydra.run.dir", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
 
 
 def _folder_problem(path):
-    """(nearest existing folder of `path` or `path` itself, why nothing can be made below it, or None)."""
+    """(the nearest existing path at or above `path`, why nothing can be made below it or None)."""
     folder = path
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent

@@ -96,8 +96,8 @@ def load_runs(paths) -> list[dict]:
                 raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
             # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the
             # verdict into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
-            for key in [m for m in METRICS if m in run]:
-                value = run[key]
+            for key in METRICS:
+                value = run.get(key, 0.0)  # absent: test_acc1 of an older run
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove "
                                      "its directory.")
@@ -451,7 +451,7 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     skeletons = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1] > 1:
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1] != 1:
             magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
             peak = magnitude.max()
             # An all-zero layer stays all zero rather than turning into NaN.

@@ -82,7 +82,8 @@ def train(cfg, overrides, world, device, run_dir):
 
 
 def config_of_run(cfg, overrides):
-    """(config, checkpoint to resume or None): a resumed run continues with the config stored in its checkpoint."""
+    """(config, checkpoint to resume or None): a resumed run continues with the config stored in its checkpoint.
+    A finished run is refused here, on every rank, before any directory is claimed or written."""
     if not cfg.resume:
         return cfg, None
     resume = load_checkpoint(cfg.resume, training=True)
@@ -483,12 +484,15 @@ def resumed_config(cfg, stored, overrides):
         if key.startswith("trainer.") and key != "trainer.epochs":
             OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
             continue
-        now, then = (_plain(OmegaConf.select(c, key)) for c in (cfg, resumed))
-        if now != then:
+        now, then = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(resumed, key))
+        if now == then:
+            continue
+        if key == "trainer.epochs":
             fix = (f"its learning-rate schedule spans {then} epochs and would jump; resume without trainer.epochs, "
-                   f"or start a new run with the length you want" if key == "trainer.epochs" else
-                   "resume with only trainer.* overrides, or start a new run without resume=")
-            raise UserError(f"{override} differs from the run being resumed ({key} was {then}): {fix}")
+                   f"or start a new run with the length you want")
+        else:
+            fix = "resume with only trainer.* overrides, or start a new run without resume="
+        raise UserError(f"{override} differs from the run being resumed ({key} was {then}): {fix}")
     resumed.resume = cfg.resume
     return resumed
 

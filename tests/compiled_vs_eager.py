@@ -4,7 +4,7 @@ import argparse
 
 import torch
 
-from experiment.bench import NUM_CLASSES, fake_loader, model_config, training_config
+from experiment.bench import NUM_CLASSES, _compiled, fake_loader, model_config, training_config
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler
 from experiment.training import train_one_epoch
@@ -27,8 +27,7 @@ def compiled_loss_curve(kind, *, compile_mode=None, steps=5, batch_size=32, widt
     optimizer = build_optimizer(model, optimizer_cfg)
     scheduler = build_scheduler(optimizer, scheduler_cfg, steps, 1)
     torch._dynamo.reset()
-    fast = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False) \
-        if compile_mode else model
+    fast = _compiled(model, compile_mode) if compile_mode else model
     losses = []
     with inductor_config.patch(fallback_random=True):
         for epoch in range(steps):

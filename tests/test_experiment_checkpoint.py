@@ -300,7 +300,7 @@ def test_a_second_claim_on_a_directory_in_use_is_refused(tmp_path):
         (tmp_path / CLAIM).write_text(f"{running.pid} {socket.gethostname()}\n")
         with pytest.raises(UserError, match=f"is in use by a running train.py \\(process {running.pid}"):
             claim_run_dir(tmp_path)
-        (tmp_path / CLAIM).write_text(f"1 some-other-host\n")  # cannot tell whether it runs: it counts
+        (tmp_path / CLAIM).write_text("1 some-other-host\n")  # cannot tell whether it runs: it counts
         with pytest.raises(UserError, match="process 1 on some-other-host"):
             claim_run_dir(tmp_path)
     finally:
@@ -335,6 +335,15 @@ def test_a_run_directory_under_a_file_is_one_line(tmp_path, capsys):
         ckpt_module._run_dir(None, tmp_path / "file" / "run")
     assert exit.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: cannot use {tmp_path / 'file' / 'run'} as the run directory")
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    name = tmp_path / ("x" * 300)  # passes the folder check; making it fails (most file systems allow 255 bytes)
+    with pytest.raises(SystemExit) as exit:
+        ckpt_module._run_dir(None, name)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: cannot use {name} as the run directory (File name too long); "
+                                               f"pass a writable hydra.run.dir")
 
 
 @pytest.fixture

@@ -53,11 +53,10 @@ def test_input_too_small_says_what_to_do(layout, hint):
         check_input_fits(model, torch.randn(1, 3, 1, 1) if layout == "cifar" else torch.randn(1, 3, 32, 32), "m")
 
 
-def test_onnx_export_is_made_and_checked_in_memory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_onnx_export_is_made_and_checked_in_memory():
     model = AlexNet(10, width=0.125, classifier_width=32, bn=False).eval()
     x = torch.randn(3, 3, 32, 32)
     exported = export_onnx(model, x[:2])
-    assert isinstance(exported, bytes) and list(tmp_path.iterdir()) == []  # nothing on disk before fuse.py writes it
+    assert isinstance(exported, bytes)  # fuse.py writes it only after this check (test_fuse: an earlier export stays)
     check = onnx_logit_difference(exported, model, x)  # a batch size other than the example's: dynamic batch
     assert check["num_samples"] == 3 and check["max_abs"] < 1e-4 and check["argmax_agree"] == 1.0

@@ -227,6 +227,17 @@ def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
     assert snapshot(run_dir) == before and snapshot(other) == before_other
 
 
+def test_a_finished_run_is_refused_before_its_target_directory_is_looked_at(trained_runs, tmp_path):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(trained_runs["alexnet"], run_dir)
+    shutil.copytree(trained_runs["alexnet_ac"], other)
+    before, before_other = snapshot(run_dir), snapshot(other)
+    proc = run_main("train.py", f"resume={other / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}",
+                    check=False)
+    assert_one_error_line(proc, "is from a finished run", "nothing to resume")
+    assert snapshot(run_dir) == before and snapshot(other) == before_other
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint files that are not usable
 

@@ -232,11 +232,15 @@ def _run_dir(resume, new_dir):
     if not _is_main_process():
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
     path = run_dir_of_checkpoint(resume) if resume else new_dir
-    _exit_if_unusable_run_dir(path)  # Hydra makes the directory next, and reports a failure with a traceback
-    try:  # what the check cannot foresee: a name too long, a full disk, a quota
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _exit_unusable_run_dir(path, e.strerror or e)
+    # Hydra makes the directory next, and reports a failure with a traceback: check, then make it here
+    why = _folder_problem(Path(path))
+    if not why:
+        try:  # what the check cannot foresee: a name too long, a full disk, a quota
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or str(e)
+    if why:
+        _exit_unusable_run_dir(path, why)
     return str(path)
 
 
@@ -247,14 +251,10 @@ def check_run_dir_argument(argv):
         return
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
-            _exit_if_unusable_run_dir(Path(arg.split("=", 1)[1].strip("'\"")))
-
-
-def _exit_if_unusable_run_dir(path):
-    """The usual one line and exit status 2, before anything is created, when `path` cannot become a folder."""
-    folder, problem = _folder_problem(Path(path))
-    if problem:
-        _exit_unusable_run_dir(path, f"{folder} is {problem}")
+            path = Path(arg.split("=", 1)[1].strip("'\""))
+            why = _folder_problem(path)  # creates nothing
+            if why:
+                _exit_unusable_run_dir(path, why)
 
 
 def _exit_unusable_run_dir(path, why):
@@ -264,15 +264,16 @@ def _exit_unusable_run_dir(path, why):
 
 
 def _folder_problem(path):
-    """(the nearest existing path at or above `path`, why nothing can be made below it or None)."""
+    """Why nothing can be made at or below `path`, judged by its nearest existing path ("X is a file, not a
+    folder", "X is not writable ..."), or None."""
     folder = path
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        return folder, "a file, not a folder"
+        return f"{folder} is a file, not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return folder, "not writable (a read-only file system, or no permission)"
-    return folder, None
+        return f"{folder} is not writable (a read-only file system, or no permission)"
+    return None
 
 
 def _log_file(path):
@@ -405,8 +406,8 @@ def _same_file(a, b):
 
 
 def _check_folder(path, option):
-    folder, problem = _folder_problem(path.parent)
-    if problem:
-        raise UserError(f"cannot write {path}: {folder} is {problem}; pass another {option}= in a writable folder")
+    why = _folder_problem(path.parent)
+    if why:
+        raise UserError(f"cannot write {path}: {why}; pass another {option}= in a writable folder")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")

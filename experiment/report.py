@@ -2,12 +2,13 @@
 
     python -m experiment.report PATH [PATH ...] [--out DIR]
 
-PATH is a run directory or a sweep directory (searched recursively for metrics.json). Writes
-report.md, report.csv and val_acc1_curves.png into DIR (default: the first PATH) and prints the
-Markdown; DIR/tensorboard/<dataset>/<model>/ gets TensorBoard runs with the mean over seeds per epoch and
-the paired AC − baseline difference, each with its 95% band (see `write_tensorboard`). Where runs kept
-checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png: the kernel skeleton of each model after
-fusion (of its lowest seed), baseline and AC side by side.
+PATH is a run directory or a sweep directory (searched recursively for metrics.json). Runs are compared only
+within one recipe (every config value but the model choice and the seed, see `recipe`); others are reported
+apart, with the keys that differ, and unfinished runs are named. Writes report.md, report.csv and
+val_acc1_curves.png into DIR (default: the first PATH) and prints the Markdown; DIR/tensorboard/ gets the
+report in TensorBoard (see `write_tensorboard`): its text, a verdict figure per AC model, and per arm the mean
+over seeds with its 95% band. Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png:
+the kernel skeleton of each model after fusion (of its lowest seed), baseline and AC side by side.
 
 The figures (confusion matrix, kernel skeleton, validation curves) are built as bare
 ``matplotlib.figure.Figure`` objects on an Agg canvas instead of through pyplot: nothing switches the global
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 METRICS = ("best_acc1", "final_acc1", "test_acc1")
 REQUIRED_KEYS = ("model", "dataset", "seed", "best_acc1", "final_acc1")  # runs older than test_acc1 still load
 METRIC_NAMES = {"best_acc1": "best top-1", "final_acc1": "final top-1", "test_acc1": "test top-1 of best.pt"}
+# Per-epoch series of the runs' histories that the sweep's TensorBoard runs average over seeds.
+CURVES = ("val_acc1", "val_loss")
 # A directory holding one of these but no metrics.json is a run that has not finished (yet).
 RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
@@ -59,28 +63,139 @@ def _model_order(model: str) -> tuple[str, bool]:
     return (baseline_of(model) or model, baseline_of(model) is not None)
 
 
-def _metrics_files(path: Path) -> list[Path]:
+def _walk(path: Path) -> tuple[list[Path], list[Path]]:
+    """The metrics.json files below ``path`` and the run directories there that have none yet (unfinished)."""
     if path.is_file():
         if path.name != "metrics.json":
             raise ValueError(f"{path} is a file; pass a run directory, a sweep directory or a metrics.json file.")
-        return [path]
-    found = []
+        return [path], []
+    found, unfinished = [], []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
         if "metrics.json" in filenames:
             found.append(Path(dirpath, "metrics.json"))
         elif any(marker in dirnames or marker in filenames for marker in RUN_DIR_MARKERS):
-            log.warning("skipping %s: no metrics.json yet (run unfinished or failed)", dirpath)
+            unfinished.append(Path(dirpath))
+    return found, unfinished
+
+
+def unfinished_runs(paths) -> list[dict]:
+    """Run directories below ``paths`` without a metrics.json (unfinished or failed): ``dir`` and, where its
+    config.yaml says, ``model`` and ``seed``, so that a report can name what it did not count."""
+    found = []
+    for path in map(Path, paths):
+        for run_dir in _walk(path)[1] if path.is_dir() else []:
+            try:
+                config = _read_config(run_dir / "config.yaml") or {}
+            except ValueError:
+                config = {}
+            model = config.get("model")
+            found.append({"dir": str(run_dir), "model": model.get("name") if isinstance(model, dict) else None,
+                          "seed": config.get("seed")})
     return found
 
 
+def _read_config(path: Path) -> dict | None:
+    """A run's config.yaml as plain data (None when there is none). Read with yaml.safe_load, never through
+    OmegaConf: an interpolation in a stored config is text here, not code that runs."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} is not readable YAML ({str(e).splitlines()[0]}); re-run that run or remove "
+                         "its directory.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a mapping of config values; re-run that run or remove its directory.")
+    return config
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# What a config holds beside its recipe: the arm (which network, with the options only that arm has), the seed,
+# and where and how the run ran, which does not change what it learns. Everything else must match for two runs
+# to be compared.
+ARM_KEYS = ("model.name", "model.arch", "model.bn", "model.ac", "model.gamma_init")
+NOT_RECIPE = ("seed", "resume", "trainer.device", "trainer.progress", "trainer.log_every", "trainer.save_every",
+              "trainer.compile", "trainer.compile_mode", "trainer.channels_last", "dataset.download",
+              "dataset.num_workers", "dataset.verify_images", "dataset.eval_batch_size")
+
+
+def recipe(run_dir: Path, run: dict) -> dict | None:
+    """The recipe of a run: its config.yaml flattened (``"optimizer.lr": 0.1``), less `ARM_KEYS` and
+    `NOT_RECIPE`; None without a config.yaml. A downloaded dataset is its name, wherever its root is; a folder
+    dataset is its class list when metrics.json names one, else its root."""
+    config = _read_config(run_dir / "config.yaml")
+    if config is None:
+        return None
+    flat = {k: v for k, v in _flatten(config).items() if k not in ARM_KEYS and k not in NOT_RECIPE}
+    if flat.get("dataset.name") != "folder":
+        flat.pop("dataset.root", None)
+    elif isinstance(run.get("classes"), list):
+        flat.pop("dataset.root", None)
+        flat["dataset.classes"] = run["classes"]
+    return flat
+
+
+# Names from metrics.json end up in table cells and directory names: letters, digits and _ . + - only.
+NAME = re.compile(r"[A-Za-z0-9_.+-]{1,100}")
+
+
+def _check_run(file: Path, run) -> None:
+    """One line for a metrics.json that is valid JSON but not what train.py writes."""
+    fix = "re-run that run or remove its directory."
+    if not isinstance(run, dict):
+        raise ValueError(f"{file} holds a JSON {type(run).__name__}, not the object train.py writes; {fix}")
+    missing = [key for key in REQUIRED_KEYS if key not in run]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
+    for key in ("model", "dataset"):
+        value = run[key]
+        if not isinstance(value, str) or not NAME.fullmatch(value) or not value.strip("."):
+            raise ValueError(f"{file} has {key}={value!r}, not a name (letters, digits, _ . + -); {fix}")
+    if isinstance(run["seed"], bool) or not isinstance(run["seed"], int):
+        raise ValueError(f"{file} has seed={run['seed']!r}, not an integer; {fix}")
+    # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the verdict
+    # into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
+    for key in METRICS:
+        value = run.get(key, 0.0)  # absent: test_acc1 of an older run
+        if not _is_number(value):
+            raise ValueError(f"{file} has {key}={value}, not a finite accuracy; {fix}")
+    history = run.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and isinstance(h.get("epoch"), int) and not isinstance(h["epoch"], bool)
+            and all(h.get(curve) is None or _is_number(h[curve]) for curve in CURVES) for h in history):
+        raise ValueError(f"{file} has a history that is not a list of epoch records (an integer epoch, finite "
+                         f"{' and '.join(CURVES)}); {fix}")
+    if not isinstance(run.get("selected_on", ""), str):
+        raise ValueError(f"{file} has selected_on={run['selected_on']!r}, not val or test; {fix}")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def load_runs(paths) -> list[dict]:
-    """Every metrics.json under ``paths`` as a dict, plus ``"dir"``, the run directory."""
-    runs, seen_files, owner = [], set(), {}
+    """Every metrics.json under ``paths`` as a dict, plus ``"dir"`` (the run directory), ``"recipe"`` (see
+    `recipe`) and ``"group"``: the dataset's name, with ``#2``, ``#3``... for runs of another recipe on a dataset
+    of the same name. Only runs of one group are compared."""
+    runs, seen_files = [], set()
     for path in map(Path, paths):
         if not path.exists():
             raise ValueError(f"{path} does not exist; pass a run directory holding metrics.json or a sweep directory above such runs.")
-        files = _metrics_files(path)
+        files, unfinished = _walk(path)
+        for run_dir in unfinished:
+            log.warning("skipping %s: no metrics.json yet (run unfinished or failed)", run_dir)
         if not files:
             raise ValueError(f"no metrics.json found under {path}; pass a finished run directory or a sweep directory that holds finished runs.")
         for file in files:
@@ -89,26 +204,67 @@ def load_runs(paths) -> list[dict]:
             seen_files.add(file.resolve())
             try:
                 run = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{file} is not valid JSON ({e}); re-run that run or remove its directory.") from None
-            missing = [key for key in REQUIRED_KEYS if key not in run]
-            if missing:
-                raise ValueError(f"{file} lacks {', '.join(missing)}; pass only run directories written by train.py.")
-            # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the
-            # verdict into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
-            for key in METRICS:
-                value = run.get(key, 0.0)  # absent: test_acc1 of an older run
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError(f"{file} has {key}={value}, not a finite accuracy; re-run that run or remove "
-                                     "its directory.")
+            _check_run(file, run)
             run["dir"] = str(file.parent)
-            key = (run["dataset"], run["model"], run["seed"])
-            if key in owner:
-                raise ValueError(f"{owner[key]} and {run['dir']} are both {key[1]} seed {key[2]} on {key[0]}; "
-                                 "pass only one of them so that seeds pair unambiguously.")
-            owner[key] = run["dir"]
+            run["recipe"] = recipe(file.parent, run)
             runs.append(run)
+    _assign_groups(runs)
+    owner = {}
+    for run in runs:
+        key = (run["group"], run["model"], run["seed"])
+        if key in owner:
+            raise ValueError(f"{owner[key]} and {run['dir']} are both {key[1]} seed {key[2]} on {key[0]}; "
+                             "pass only one of them so that seeds pair unambiguously.")
+        owner[key] = run["dir"]
     return runs
+
+
+def _recipe_key(run: dict) -> str:
+    # Without a config.yaml only metrics.json's epochs are known: such runs are compared on that alone.
+    known = run["recipe"] if run["recipe"] is not None else {"unknown recipe, epochs": run.get("epochs")}
+    return json.dumps(known, sort_keys=True, default=str)
+
+
+def _assign_groups(runs: list[dict]) -> None:
+    keys = defaultdict(list)  # dataset -> recipe keys, in the order first seen
+    for run in runs:
+        key = _recipe_key(run)
+        if key not in keys[run["dataset"]]:
+            keys[run["dataset"]].append(key)
+    for run in runs:
+        index = keys[run["dataset"]].index(_recipe_key(run))
+        run["group"] = run["dataset"] if index == 0 else f"{run['dataset']}#{index + 1}"
+
+
+def recipe_differences(runs: list[dict]) -> list[str]:
+    """One line per group that shares its dataset's name with the first group of it but not its recipe,
+    naming the keys that differ (at most 8)."""
+    first, lines, seen = {}, [], set()
+    for run in runs:
+        first.setdefault(run["dataset"], run)
+        if run["group"] in seen or run["group"] == run["dataset"]:
+            continue
+        seen.add(run["group"])
+        other = first[run["dataset"]]
+        if (run["recipe"] is None) != (other["recipe"] is None):
+            which = run if run["recipe"] is None else other
+            lines.append(f"{run['group']} is not compared with {other['group']}: {which['dir']} has no config.yaml, "
+                         "so its recipe is unknown")
+            continue
+        mine, theirs = json.loads(_recipe_key(run)), json.loads(_recipe_key(other))
+        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, "absent") != theirs.get(k, "absent"))
+        shown = ", ".join(f"{k} ({_short(theirs.get(k, 'absent'))} vs {_short(mine.get(k, 'absent'))})"
+                          for k in keys[:8])
+        lines.append(f"{run['group']} is not compared with {other['group']}: different {shown}"
+                     + (f" and {len(keys) - 8} more" if len(keys) > 8 else ""))
+    return lines
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _mean_std(values) -> tuple[float, float, float]:
@@ -124,10 +280,10 @@ def _mean_std(values) -> tuple[float, float, float]:
 
 
 def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
-    """dataset -> model -> seed -> run."""
+    """group (the dataset, see `load_runs`) -> model -> seed -> run."""
     groups = defaultdict(lambda: defaultdict(dict))
     for run in runs:
-        groups[run["dataset"]][run["model"]][run["seed"]] = run
+        groups[run.get("group", run["dataset"])][run["model"]][run["seed"]] = run
     return groups
 
 
@@ -192,7 +348,7 @@ def verdict(pair: dict, metric: str | None = None) -> str:
         return "no seed was run in both arms: nothing to compare"
     change = f"{'gain' if mean >= 0 else 'loss'} {mean:+.2f} points"
     if n == 1:
-        return f"{change} over 1 seed: no confidence interval from one pair, run more seeds"
+        return f"{change} over 1 seed (one seed: no interval): run more seeds"
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
     return (f"{change}, 95% CI [{low:+.2f}, {high:+.2f}] over {n} seeds: "
             + ("excludes 0" if low > 0 or high < 0 else "includes 0: not shown to be real"))
@@ -208,15 +364,19 @@ def _mean_pm_std(mean: float, std: float, signed: bool = False) -> str:
 
 def _ci(pair: dict, metric: str) -> str:
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
-    return "n/a" if math.isnan(low) else f"[{low:+.2f}, {high:+.2f}]"
+    if math.isnan(low):
+        return "one seed: no interval" if pair["n_pairs"] == 1 else "n/a"
+    return f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _seeds(seeds) -> str:
     return " ".join(map(str, seeds))
 
 
-def render_markdown(summary: list[dict], pairs: list[dict]) -> str:
-    """The report: per-model table, paired-difference table, one verdict line per AC model and dataset."""
+def render_markdown(summary: list[dict], pairs: list[dict], apart=(), unfinished=()) -> str:
+    """The report: per-model table, paired-difference table, one verdict line per AC model and dataset; then
+    the groups of runs not compared, with why (``apart``: `recipe_differences`), and the runs not counted
+    (``unfinished``: `unfinished_runs`)."""
     names = [METRIC_NAMES[m] for m in METRICS]
     lines = ["# AlexNet vs AlexNet-AC", "",
              "## Per-model summary", "",
@@ -231,7 +391,7 @@ def render_markdown(summary: list[dict], pairs: list[dict]) -> str:
     lines += ["", "## Paired difference, AC − baseline", ""]
     if not pairs:
         lines.append("No AC model has baseline runs on the same dataset: nothing to pair.")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
     lines += ["Percentage points, per seed run in both arms: mean ± sample std of the differences, "
               "95% Student-t confidence interval of the mean.", "",
               "| dataset | AC model | baseline | pairs | " + " | ".join(f"Δ {n} | 95% CI" for n in names)
@@ -250,7 +410,20 @@ def render_markdown(summary: list[dict], pairs: list[dict]) -> str:
               "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
     lines += [f"- {p['dataset']}, {p['model']} vs {p['baseline']}, {METRIC_NAMES[p['verdict_metric']]}: {verdict(p)}"
               for p in pairs]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
+
+
+def _apart_lines(apart, unfinished) -> list[str]:
+    lines = []
+    if apart:
+        lines += ["", "## Runs reported apart", "",
+                  "Runs are compared only within one recipe: every config value but the model choice and the seed "
+                  "(and where and how they ran). A dataset name with #2, #3... is another recipe on that dataset.", ""]
+        lines += [f"- {line}" for line in apart]
+    if unfinished:
+        lines += ["", "## Not counted", ""]
+        lines += [f"- {u['dir']}{_what(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
+    return lines
 
 
 CSV_COLUMNS = ["dataset", "model", "n_seeds", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
@@ -271,17 +444,18 @@ def write_csv(summary: list[dict], pairs: list[dict], path) -> Path:
     return Path(path)
 
 
-def write_report(runs: list[dict], out) -> str:
-    """Write report.md, report.csv, val_acc1_curves.png and the TensorBoard runs into ``out``; return the Markdown."""
+def write_report(runs: list[dict], out, unfinished=()) -> str:
+    """Write report.md, report.csv, val_acc1_curves.png and the TensorBoard runs into ``out``; return the
+    Markdown. ``unfinished`` (`unfinished_runs`) are named as not counted."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary, pairs = summarize(runs), paired_differences(runs)
-    markdown = render_markdown(summary, pairs)
+    markdown = render_markdown(summary, pairs, recipe_differences(runs), unfinished)
     (out / "report.md").write_text(markdown)
     write_csv(summary, pairs, out / "report.csv")
     save_curves(runs, out / "val_acc1_curves.png")
     save_skeletons(runs, out)
-    write_tensorboard(runs, out)
+    write_tensorboard(runs, out, markdown, unfinished)
     return markdown
 
 
@@ -306,16 +480,38 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
 
 
 TENSORBOARD_DIR = "tensorboard"
-# Per-epoch series of the runs' histories that the sweep's TensorBoard runs average over seeds.
-CURVES = ("val_acc1", "val_loss")
-MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
+MEAN_GROUP, DIFF_GROUP, VERDICT_GROUP = "mean_over_seeds", "ac_minus_baseline", "verdict"
+# The TensorBoard run that holds the report itself: its text, the verdict figures, the custom-scalars layout.
+VERDICT_RUN = "verdict"
+BANDS_NOTE = ("Bands and intervals: 95% Student-t interval of the mean over seeds, clipped to possible values "
+              "(accuracy 0 to 100, loss 0 or more); with one seed none is drawn (one seed: no interval).")
 
 
-def _mean_band(values) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval (low, high); with one value the band has no width."""
+def _bounds(name: str) -> tuple[float, float]:
+    """The values a mean of ``name`` can take: a loss is 0 or more, an accuracy 0 to 100 (percent)."""
+    return (0.0, math.inf) if "loss" in name else (0.0, 100.0)
+
+
+def _mean_band(values, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
+    """Mean and its 95% Student-t interval (low, high), clipped to ``bounds``; NaN ends with one value."""
     mean, _, half = _mean_std(values)
-    half = half if len(values) > 1 else 0.0
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])  # max/min keep NaN only if NaN first
+
+
+def _band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
+    """``[(step, values)]`` -> ``{"": [(step, mean)], "_low": [...], "_high": [...]}``; a step with one value has
+    a mean and no interval."""
+    series = {"": [], "_low": [], "_high": []}
+    for step, values in points:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            continue
+        mean, low, high = _mean_band(values, bounds)
+        series[""].append((step, mean))
+        if len(values) > 1:
+            series["_low"].append((step, low))
+            series["_high"].append((step, high))
+    return series
 
 
 def _per_epoch(runs, curve) -> dict[int, dict[int, float]]:
@@ -328,51 +524,221 @@ def _per_epoch(runs, curve) -> dict[int, dict[int, float]]:
     return table
 
 
-def sweep_series(runs: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[int, float, float, float]]]]:
-    """(dataset, model) -> tag -> [(epoch, mean, low, high)]: per epoch the mean over seeds of each of
-    `CURVES` (tag ``mean_over_seeds/<curve>``) and, for an AC model whose baseline ran, the paired
-    difference AC − baseline over the seeds both have at that epoch (tag ``ac_minus_baseline/<curve>``)."""
+def _last_epoch(runs) -> int:
+    return max((h["epoch"] for run in runs for h in run.get("history", [])), default=0)
+
+
+def _verdict_metrics(group: str, models: dict, pairs: list[dict]) -> dict[str, str]:
+    """model -> the metric its mean is read on: its pair's verdict metric, else its own `unselected_metric`."""
+    metric = {m: unselected_metric(list(seeds.values())) for m, seeds in models.items()}
+    for p in pairs:
+        if p["dataset"] == group:
+            metric[p["model"]] = metric[p["baseline"]] = p["verdict_metric"]
+    return metric
+
+
+def arm_run_name(group: str, model: str, n: int) -> str:
+    return f"{group}/{model} (n={n})"
+
+
+def diff_run_name(pair: dict) -> str:
+    return f"{pair['dataset']}/{pair['model']} minus {pair['baseline']} (n={pair['n_pairs']} pairs)"
+
+
+def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """TensorBoard run name -> tag -> [(step, value)].
+
+    Per group and model, run ``<group>/<model> (n=<seeds>)``: per epoch the mean over seeds of each of `CURVES`
+    (``mean_over_seeds/<curve>``), and at the last epoch the mean of the verdict's metric
+    (``verdict/<metric>``, see `paired_differences`). Per AC model whose baseline ran, run
+    ``<group>/<ac> minus <baseline> (n=<pairs> pairs)``: per epoch the paired difference over the seeds both
+    arms have at that epoch (``ac_minus_baseline/<curve>``), and the verdict's paired difference
+    (``verdict/ac_minus_baseline_<metric>``, the very numbers of report.md). Every mean over two or more values
+    has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`_bounds`); a single
+    value has none."""
+    pairs = paired_differences(runs)
     series = {}
-    for dataset, models in sorted(_by_group(runs).items()):
+    for group, models in sorted(_by_group(runs).items()):
+        metric = _verdict_metrics(group, models, pairs)
         for model in sorted(models, key=_model_order):
+            seeds = models[model]
             tags = {}
             for curve in CURVES:
-                own = _per_epoch(models[model], curve)
-                tags[f"{MEAN_GROUP}/{curve}"] = [(e, *_mean_band(list(own[e].values()))) for e in sorted(own)]
-                if baseline_of(model) in models:
-                    base = _per_epoch(models[baseline_of(model)], curve)
-                    diffs = {e: [own[e][s] - base[e][s] for s in sorted(own[e].keys() & base[e].keys())]
-                             for e in sorted(own.keys() & base.keys())}
-                    tags[f"{DIFF_GROUP}/{curve}"] = [(e, *_mean_band(d)) for e, d in diffs.items() if d]
-            series[(dataset, model)] = {tag: points for tag, points in tags.items() if points}
+                table = _per_epoch(seeds, curve)
+                tags[f"{MEAN_GROUP}/{curve}"] = _band_points(
+                    [(e, list(table[e].values())) for e in sorted(table)], _bounds(curve))
+            tags[f"{VERDICT_GROUP}/{metric[model]}"] = _band_points(
+                [(_last_epoch(seeds.values()), [_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
+            series[arm_run_name(group, model, len(seeds))] = _flat_tags(tags)
+        for p in (p for p in pairs if p["dataset"] == group and p["n_pairs"]):
+            ac, base, paired = models[p["model"]], models[p["baseline"]], p["paired_seeds"]
+            tags = {}
+            for curve in CURVES:
+                own, other = _per_epoch(ac, curve), _per_epoch(base, curve)
+                tags[f"{DIFF_GROUP}/{curve}"] = _band_points(
+                    [(e, [own[e][s] - other[e][s] for s in paired if s in own[e] and s in other[e]])
+                     for e in sorted(own.keys() & other.keys())])
+            m, step = p["verdict_metric"], _last_epoch([*ac.values(), *base.values()])
+            tags[f"{VERDICT_GROUP}/{DIFF_GROUP}_{m}"] = {
+                "": [(step, p[f"{m}_diff_mean"])],
+                "_low": [(step, p[f"{m}_ci_low"])] if p["n_pairs"] > 1 else [],
+                "_high": [(step, p[f"{m}_ci_high"])] if p["n_pairs"] > 1 else []}
+            series[diff_run_name(p)] = _flat_tags(tags)
     return series
 
 
+def _flat_tags(tags: dict[str, dict[str, list]]) -> dict[str, list[tuple[int, float]]]:
+    return {tag + suffix: points for tag, bands in tags.items() for suffix, points in bands.items() if points}
+
+
 def tensorboard_layout() -> dict:
-    """Custom-scalars layout: one margin chart (mean and 95% band) per tag of `sweep_series`; each
-    (dataset, model) of the sweep is one TensorBoard run, so the arms share a chart."""
+    """Custom-scalars layout: one margin chart (mean and 95% band) per per-epoch tag of `sweep_series`; each
+    arm is one TensorBoard run, so the arms share a chart."""
     return {"AC vs baseline: mean over seeds, 95% t band": {
         f"{group}/{curve}": ["Margin", [f"{group}/{curve}", f"{group}/{curve}_low", f"{group}/{curve}_high"]]
         for group in (MEAN_GROUP, DIFF_GROUP) for curve in CURVES}}
 
 
-def write_tensorboard(runs: list[dict], out) -> Path:
-    """TensorBoard runs ``out/tensorboard/<dataset>/<model>`` with `sweep_series` and, in the first of them,
-    `tensorboard_layout`; event files of an earlier report there are replaced. Returns out/tensorboard."""
+def tensorboard_url(models, port: int = 6006) -> str:
+    """The TensorBoard address that opens on the verdict: Time Series filtered to the ``verdict/`` tags (the
+    figures first), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
+    captures the model's name in the run's name (longest name first, so alexnet_ac is not read as alexnet)."""
+    names = sorted(set(models), key=lambda m: (-len(m), m))
+    return (f"http://127.0.0.1:{port}/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
+            f"&tagFilter=^{VERDICT_GROUP}/#timeseries")
+
+
+def arms(model: str) -> list[str]:
+    """The two arms ``model`` belongs to, by the configs' naming (``<name>_ac`` is the AC model of ``<name>``;
+    the imagenet layout puts ``_ac`` before ``_imagenet``)."""
+    if baseline_of(model):
+        return [model, baseline_of(model)]
+    head, imagenet, _ = model.partition("_imagenet")
+    return [f"{head}_ac{imagenet}", model]
+
+
+def _inside(root: Path, name: str) -> Path:
+    """root/name, refused unless it stays below root (names are checked in `load_runs`; this is the last guard)."""
+    path = root / name
+    if ".." in Path(name).parts or Path(name).is_absolute():
+        raise ValueError(f"refusing to write TensorBoard run {name!r} outside {root}")
+    return path
+
+
+def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) -> Path:
+    """TensorBoard runs under ``out/tensorboard``: the arms and differences of `sweep_series`, and run
+    `VERDICT_RUN` with the report (``markdown``, TEXT tab), a `verdict_figure` per paired AC model (IMAGES, and
+    Time Series under ``verdict/``) and `tensorboard_layout`. Event files of an earlier report there are
+    replaced. Returns out/tensorboard."""
     from torch.utils.tensorboard import SummaryWriter
 
     root = Path(out) / TENSORBOARD_DIR
-    for old in root.glob("*/*/events.out.tfevents.*"):
+    for old in sorted(root.rglob("events.out.tfevents.*")):
         old.unlink()
-    for index, ((dataset, model), tags) in enumerate(sweep_series(runs).items()):
-        with SummaryWriter(log_dir=str(root / dataset / model)) as writer:
-            if index == 0:
-                writer.add_custom_scalars(tensorboard_layout())
+        for parent in old.parents:  # an arm whose n changed leaves no empty run directory behind
+            if parent == root or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    with SummaryWriter(log_dir=str(_inside(root, VERDICT_RUN))) as writer:
+        writer.add_custom_scalars(tensorboard_layout())
+        if markdown:
+            writer.add_text(VERDICT_GROUP, markdown + "\n" + BANDS_NOTE + "\n")
+        for name, fig in verdict_figures(runs, unfinished).items():
+            writer.add_image(f"{VERDICT_GROUP}/{name}", _pixels(fig), 0, dataformats="HWC")
+    for name, tags in sweep_series(runs).items():
+        with SummaryWriter(log_dir=str(_inside(root, name))) as writer:
             for tag, points in tags.items():
-                for epoch, *values in points:  # mean, low, high
-                    for suffix, value in zip(("", "_low", "_high"), values):
-                        writer.add_scalar(tag + suffix, value, epoch)
+                for step, value in points:
+                    writer.add_scalar(tag, value, step)
     return root
+
+
+def _pixels(fig: Figure) -> np.ndarray:
+    """The figure drawn at the PNG's resolution, as an (H, W, 3) uint8 array for ``add_image``."""
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
+    """``"<group> <ac> vs <baseline>"`` -> `verdict_figure`, for every AC model with a baseline in its group."""
+    groups, figures = _by_group(runs), {}
+    for pair in paired_differences(runs):
+        models = groups[pair["dataset"]]
+        not_counted = [u for u in unfinished if u.get("model") in (pair["model"], pair["baseline"])]
+        figures[f"{pair['dataset']} {pair['model']} vs {pair['baseline']}"] = verdict_figure(
+            pair, models[pair["baseline"]], models[pair["model"]], not_counted)
+    return figures
+
+
+def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()) -> Figure:
+    """The report's verdict for one AC model, drawn: each arm's validation top-1 per epoch (mean over seeds, 95%
+    band), each arm's verdict metric (the seeds, their mean and 95% interval) and the paired difference AC −
+    baseline over the seeds both ran (each pair, the mean and the 95% CI of report.md), titled with the verdict.
+    Intervals are clipped to possible values; one seed gets none ("one seed: no interval")."""
+    metric = pair["verdict_metric"]
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(figsize=(13.0, 4.4), layout="constrained")
+    curves, arm_axes, diff_axes = fig.subplots(1, 3, width_ratios=[2.2, 1.2, 1.2])
+    arms_ = ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange"))
+    for model, seeds, colour in arms_:
+        table = _per_epoch(seeds, "val_acc1")
+        bands = _band_points([(e, list(table[e].values())) for e in sorted(table)], _bounds("val_acc1"))
+        if bands[""]:
+            curves.plot(*zip(*bands[""]), color=colour, label=f"{model} (n={len(seeds)})")
+        if bands["_low"]:
+            (epochs, low), (_, high) = zip(*bands["_low"]), zip(*bands["_high"])
+            curves.fill_between(epochs, low, high, color=colour, alpha=0.25, linewidth=0)
+    curves.set(title="validation top-1 per epoch, mean and 95% band", xlabel="epoch", ylabel="top-1 (%)")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.legend(fontsize=9)
+
+    for x, (model, seeds, colour) in enumerate(arms_):
+        values = [_value(r, metric) for r in seeds.values()]
+        mean, low, high = _mean_band(values, (0.0, 100.0))
+        arm_axes.scatter([x] * len(values), values, color=colour, alpha=0.5, s=18)
+        _mean_with_interval(arm_axes, x, mean, low, high, len(values), colour, f"{mean:.2f}")
+    arm_axes.set_xticks([0, 1], [f"{m}\n(n={len(s)})" for m, s, _ in arms_], fontsize=9)
+    arm_axes.set(title=METRIC_NAMES[metric], ylabel="top-1 (%)", xlim=(-0.6, 1.9))
+
+    n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
+    diffs = [_value(ac_runs[s], metric) - _value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
+    diff_axes.axhline(0.0, color="grey", linewidth=1)
+    if n:
+        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=18)
+        label = f"{mean:+.2f}, 95% CI {_ci(pair, metric)}" if n > 1 else f"{mean:+.2f}"
+        _mean_with_interval(diff_axes, 0, mean, pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"], n, "black",
+                            label)
+    diff_axes.set_xticks([0], [f"{pair['model']} − {pair['baseline']}\n(n={n} pairs)"], fontsize=9)
+    diff_axes.set(title="paired difference, AC − baseline", ylabel="points", xlim=(-0.5, 1.5))
+
+    notes = [BANDS_NOTE]
+    if unfinished:
+        notes.append("Not counted, no metrics.json (unfinished): "
+                     + ", ".join(Path(u["dir"]).name + _what(u) for u in unfinished))
+    fig.suptitle(f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[metric]}: {verdict(pair)}",
+                 fontsize=11)
+    fig.supxlabel("\n".join(notes), fontsize=8)
+    return fig
+
+
+def _mean_with_interval(ax, x, mean, low, high, n, colour, label) -> None:
+    if math.isnan(mean):
+        return
+    if n > 1:
+        ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="_", color=colour, markersize=22,
+                    capsize=8, linewidth=2)
+    else:
+        ax.plot([x], [mean], "_", color=colour, markersize=22)
+        label += "\none seed: no interval"
+    ax.annotate(label, (x, mean), xytext=(14, 0), textcoords="offset points", va="center", fontsize=9)
+
+
+def _what(run: dict) -> str:
+    """" (alexnet_ac seed 3)" for an unfinished run whose config.yaml says so, else ""."""
+    what = " ".join(str(v) for v in (run.get("model"), run.get("seed") is not None and f"seed {run['seed']}") if v)
+    return f" ({what})" if what else ""
 
 
 def main(argv=None) -> int:
@@ -385,14 +751,14 @@ def main(argv=None) -> int:
         runs = load_runs(args.paths)
         first = Path(args.paths[0])
         out = Path(args.out) if args.out else first if first.is_dir() else first.parent
-        markdown = write_report(runs, out)
+        markdown = write_report(runs, out, unfinished_runs(args.paths))
     except (ValueError, OSError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown, end="")
-    print(f"note: wrote report.md, report.csv, val_acc1_curves.png, any kernel_skeleton_*.png and the "
-          f"mean-over-seeds TensorBoard runs ({TENSORBOARD_DIR}/) to {out}; view: tensorboard --logdir {out}",
-          file=sys.stderr)
+    print(f"note: wrote report.md, report.csv, val_acc1_curves.png, any kernel_skeleton_*.png and the TensorBoard "
+          f"runs ({TENSORBOARD_DIR}/) to {out}; view: tensorboard --logdir {out} --host 127.0.0.1, then open "
+          f"{tensorboard_url(run['model'] for run in runs)}", file=sys.stderr)
     return 0
 
 
@@ -517,8 +883,8 @@ def save_curves(runs: list[dict], path) -> Path:
     for run in runs:
         points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if "val_acc1" in h}
         if points:
-            curves[run["dataset"]][run["model"]].append(points)
-    datasets = sorted({run["dataset"] for run in runs})
+            curves[run.get("group", run["dataset"])][run["model"]].append(points)
+    datasets = sorted({run.get("group", run["dataset"]) for run in runs})
 
     fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
@@ -532,7 +898,8 @@ def save_curves(runs: list[dict], path) -> Path:
             values = [[s[e] for s in seeds if e in s] for e in epochs]
             mean, std, _ = np.array([_mean_std(v) for v in values]).T
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
+                            alpha=0.2, linewidth=0)  # clipped to possible accuracies
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import stats
 from torch import nn
 
-from experiment.report import (baseline_of, kernel_skeleton, kernel_skeleton_figure, load_runs, main,
+from experiment.report import (baseline_of, kernel_skeleton, kernel_skeleton_figure, load_runs, main, recipe_differences,
                                paired_differences, render_markdown, save_confusion_matrix, save_kernel_skeleton,
                                summarize, verdict, write_report)
 
@@ -152,9 +152,10 @@ def test_single_pair_has_no_ci(tmp_path):
     (pair,) = paired_differences(runs)
     assert pair["n_pairs"] == 1 and pair["best_acc1_diff_mean"] == pytest.approx(-0.5)
     assert math.isnan(pair["best_acc1_diff_std"]) and math.isnan(pair["best_acc1_ci_low"])
-    assert verdict(pair, "best_acc1").startswith("loss -0.50 points over 1 seed: no confidence interval")
+    assert verdict(pair, "best_acc1") == "loss -0.50 points over 1 seed (one seed: no interval): run more seeds"
     markdown = render_markdown(summarize(runs), [pair])
-    assert "| digits | alexnet_ac | alexnet | 1 | -0.50 | n/a | -0.50 | n/a |  | n/a | none |" in markdown
+    assert ("| digits | alexnet_ac | alexnet | 1 | -0.50 | one seed: no interval | -0.50 | one seed: no interval |  | "
+            "one seed: no interval | none |") in markdown
 
 
 def test_ac_without_common_seed_or_baseline(tmp_path):
@@ -251,7 +252,7 @@ def test_tensorboard_mean_over_seeds_equals_the_histories_mean(sweep, tmp_path):
     for model, n in (("alexnet", 3), ("alexnet_ac", 4)):
         for curve in ("val_acc1", "val_loss"):
             table = history_table(sweep, model, curve)
-            run_dir = tmp_path / "tensorboard" / "cifar10" / model
+            run_dir = tmp_path / "tensorboard" / "cifar10" / f"{model} (n={n})"
             mean = scalar_series(run_dir, f"mean_over_seeds/{curve}")
             low, high = (scalar_series(run_dir, f"mean_over_seeds/{curve}_{side}") for side in ("low", "high"))
             assert sorted(mean) == [1, 2, 3]
@@ -264,7 +265,7 @@ def test_tensorboard_mean_over_seeds_equals_the_histories_mean(sweep, tmp_path):
                 assert mean[epoch] == pytest.approx(statistics.mean(values), rel=1e-6)
                 assert (low[epoch], high[epoch]) == pytest.approx((statistics.mean(values) - half,
                                                                    statistics.mean(values) + half), rel=1e-6)
-    band = [scalar_series(tmp_path / "tensorboard/cifar10/alexnet", f"mean_over_seeds/val_acc1_{side}")[1]
+    band = [scalar_series(tmp_path / "tensorboard/cifar10/alexnet (n=3)", f"mean_over_seeds/val_acc1_{side}")[1]
             for side in ("low", "high")]
     assert band[1] - band[0] > 0.5  # the seeds' spread shows as a band
 
@@ -272,9 +273,8 @@ def test_tensorboard_mean_over_seeds_equals_the_histories_mean(sweep, tmp_path):
 def test_tensorboard_paired_difference_per_epoch(sweep, tmp_path):
     write_report(load_runs([sweep]), tmp_path)
     ac, base = history_table(sweep, "alexnet_ac", "val_acc1"), history_table(sweep, "alexnet", "val_acc1")
-    diff = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1")
-    low = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1_low")
-    high = scalar_series(tmp_path / "tensorboard/cifar10/alexnet_ac", "ac_minus_baseline/val_acc1_high")
+    run_dir = tmp_path / "tensorboard/cifar10/alexnet_ac minus alexnet (n=3 pairs)"
+    diff, low, high = (scalar_series(run_dir, f"ac_minus_baseline/val_acc1{side}") for side in ("", "_low", "_high"))
     for epoch in (1, 2, 3):
         pairs = [ac[epoch][s] - base[epoch][s] for s in (0, 1, 2)]  # seed 7 has no baseline run
         half = T975_DF2 * statistics.stdev(pairs) / math.sqrt(3)
@@ -285,9 +285,10 @@ def test_tensorboard_paired_difference_per_epoch(sweep, tmp_path):
     assert diff[3] == pytest.approx(1.0, rel=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    baseline = EventAccumulator(str(tmp_path / "tensorboard/cifar10/alexnet"))
-    baseline.Reload()
-    assert not any(tag.startswith("ac_minus_baseline/") for tag in baseline.Tags()["scalars"])
+    for arm in ("alexnet (n=3)", "alexnet_ac (n=4)"):
+        events = EventAccumulator(str(tmp_path / "tensorboard/cifar10" / arm))
+        events.Reload()
+        assert not any(tag.startswith("ac_minus_baseline") for tag in events.Tags()["scalars"])
 
 
 def test_tensorboard_layout_charts_tags_that_exist(sweep, tmp_path):
@@ -296,7 +297,7 @@ def test_tensorboard_layout_charts_tags_that_exist(sweep, tmp_path):
 
     write_report(load_runs([sweep]), tmp_path)
     tags, layouts = set(), []
-    for run_dir in sorted((tmp_path / "tensorboard").glob("*/*")):
+    for run_dir in sorted({path.parent for path in (tmp_path / "tensorboard").rglob("events.out.tfevents.*")}):
         events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
         events.Reload()
         tags |= set(events.Tags()["scalars"])
@@ -315,18 +316,32 @@ def test_tensorboard_layout_charts_tags_that_exist(sweep, tmp_path):
 def test_tensorboard_rerun_replaces_its_event_files(sweep, tmp_path):
     write_report(load_runs([sweep]), tmp_path)
     write_report(load_runs([sweep]), tmp_path)
-    for model in ("alexnet", "alexnet_ac"):
-        assert len(list((tmp_path / "tensorboard/cifar10" / model).glob("events.out.tfevents.*"))) == 1
-    assert len(scalar_series(tmp_path / "tensorboard/cifar10/alexnet", "mean_over_seeds/val_acc1")) == 3
+    for run in ("alexnet (n=3)", "alexnet_ac (n=4)", "alexnet_ac minus alexnet (n=3 pairs)", "../verdict"):
+        assert len(list((tmp_path / "tensorboard/cifar10" / run).glob("events.out.tfevents.*"))) == 1
+    assert len(scalar_series(tmp_path / "tensorboard/cifar10/alexnet (n=3)", "mean_over_seeds/val_acc1")) == 3
+    # one more seed: the arm's run is renamed, and the old one leaves no directory behind
+    write_run(next(sweep.rglob("12-00-00")), "8_alexnet_seed7", "alexnet", 7, 90.1)
+    write_report(load_runs([sweep]), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "tensorboard/cifar10").iterdir()) == [
+        "alexnet (n=4)", "alexnet_ac (n=4)", "alexnet_ac minus alexnet (n=4 pairs)"]
 
 
-def test_tensorboard_single_seed_has_a_band_of_no_width(tmp_path):
+def test_tensorboard_single_seed_draws_no_interval(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     write_run(tmp_path / "sweep", "0_alexnet_seed0", "alexnet", 0, 90.0)
-    write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
-    run_dir = tmp_path / "out/tensorboard/cifar10/alexnet"
-    assert scalar_series(run_dir, "mean_over_seeds/val_acc1_low") == scalar_series(run_dir, "mean_over_seeds/val_acc1") \
-        == scalar_series(run_dir, "mean_over_seeds/val_acc1_high") == {1: 87.5, 2: 88.5, 3: 89.5}
-    assert not (tmp_path / "out/tensorboard/cifar10/alexnet_ac").exists()
+    write_run(tmp_path / "sweep", "1_alexnet_ac_seed0", "alexnet_ac", 0, 91.0)
+    markdown = write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
+    assert "gain +1.00 points over 1 seed (one seed: no interval)" in markdown
+    for run in ("alexnet (n=1)", "alexnet_ac (n=1)", "alexnet_ac minus alexnet (n=1 pairs)"):
+        events = EventAccumulator(str(tmp_path / "out/tensorboard/cifar10" / run))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        assert tags and not [tag for tag in tags if tag.endswith(("_low", "_high"))]
+    assert scalar_series(tmp_path / "out/tensorboard/cifar10/alexnet (n=1)", "mean_over_seeds/val_acc1") \
+        == {1: 87.5, 2: 88.5, 3: 89.5}
+    assert scalar_series(tmp_path / "out/tensorboard/cifar10/alexnet_ac minus alexnet (n=1 pairs)",
+                         "verdict/ac_minus_baseline_final_acc1") == {3: 1.0}
 
 
 def test_verdict_reads_the_test_score_of_a_checkpoint_picked_on_a_validation_split(tmp_path):
@@ -470,3 +485,222 @@ def test_kernel_skeleton_figure_of_a_deep_network_shows_an_even_spread_of_layers
     fig = kernel_skeleton_figure({"deep": layers}, max_layers=5)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["conv0", "conv10", "conv20", "conv29", "conv39"]
+
+
+def events_of(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_verdict_is_the_reports_number(tmp_path):
+    # best (on val) and the per-epoch curves favour AC; test top-1 of best.pt, the verdict's metric, does not
+    for seed, (base, ac) in enumerate([(90.0, 89.4), (90.4, 90.1), (89.8, 89.6)]):
+        write_run(tmp_path / "sweep", f"b{seed}", "alexnet", seed, 91.0, test=base)
+        write_run(tmp_path / "sweep", f"a{seed}", "alexnet_ac", seed, 93.0, test=ac)
+    runs = load_runs([tmp_path / "sweep"])
+    markdown = write_report(runs, tmp_path / "out")
+    (pair,) = paired_differences(runs)
+    diffs = [-0.6, -0.3, -0.2]
+    half = T975_DF2 * statistics.stdev(diffs) / math.sqrt(3)
+    mean = statistics.mean(diffs)
+    line = f"test top-1 of best.pt: loss {mean:+.2f} points, 95% CI [{mean - half:+.2f}, {mean + half:+.2f}] over 3 seeds"
+    assert line in markdown
+    diff_run = tmp_path / "out/tensorboard/cifar10/alexnet_ac minus alexnet (n=3 pairs)"
+    for side, value in (("", mean), ("_low", mean - half), ("_high", mean + half)):
+        assert scalar_series(diff_run, f"verdict/ac_minus_baseline_test_acc1{side}") == {3: pytest.approx(value, rel=1e-5)}
+    for model, tests in (("alexnet", [90.0, 90.4, 89.8]), ("alexnet_ac", [89.4, 90.1, 89.6])):
+        arm = tmp_path / f"out/tensorboard/cifar10/{model} (n=3)"
+        arm_half = T975_DF2 * statistics.stdev(tests) / math.sqrt(3)
+        assert scalar_series(arm, "verdict/test_acc1") == {3: pytest.approx(statistics.mean(tests), rel=1e-6)}
+        assert scalar_series(arm, "verdict/test_acc1_high") == {3: pytest.approx(statistics.mean(tests) + arm_half,
+                                                                                 rel=1e-6)}
+        assert not [tag for tag in events_of(arm).Tags()["scalars"] if "best_acc1" in tag]
+
+    verdict_run = events_of(tmp_path / "out/tensorboard/verdict")
+    (text,) = verdict_run.Tensors("verdict/text_summary")
+    shown = text.tensor_proto.string_val[0].decode()
+    assert shown.startswith(markdown) and line in shown  # the verdict and both tables, as markdown
+    assert "| cifar10 | alexnet_ac | alexnet | 3 |" in shown and "clipped to possible values" in shown
+    (tag,) = verdict_run.Tags()["images"]
+    assert tag == "verdict/cifar10 alexnet_ac vs alexnet"
+    (image,) = verdict_run.Images(tag)
+    assert image.width > 1000 and image.height > 350
+
+
+def test_verdict_figure_draws_the_reports_numbers(tmp_path):
+    from experiment.report import verdict_figures
+
+    for seed, (base, ac) in enumerate([(90.0, 89.4), (90.4, 90.1), (89.8, 89.6)]):
+        write_run(tmp_path, f"b{seed}", "alexnet", seed, 91.0, test=base)
+        write_run(tmp_path, f"a{seed}", "alexnet_ac", seed, 93.0, test=ac)
+    runs = load_runs([tmp_path])
+    (pair,) = paired_differences(runs)
+    ((name, fig),) = verdict_figures(runs, [{"dir": "/x/7_alexnet_ac_seed3", "model": "alexnet_ac", "seed": 3}]).items()
+    assert name == "cifar10 alexnet_ac vs alexnet"
+    assert fig._suptitle.get_text() == f"cifar10, alexnet_ac vs alexnet, test top-1 of best.pt: {verdict(pair)}"
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert f"{pair['test_acc1_diff_mean']:+.2f}, 95% CI [{pair['test_acc1_ci_low']:+.2f}, {pair['test_acc1_ci_high']:+.2f}]" in texts
+    assert {"90.07", "89.70"} <= set(texts)  # each arm's mean of the verdict metric, as in the per-model table
+    curves = fig.axes[0]
+    assert [line.get_label() for line in curves.lines] == ["alexnet (n=3)", "alexnet_ac (n=3)"]
+    footer = fig._supxlabel.get_text()
+    assert "clipped to possible values" in footer and "7_alexnet_ac_seed3 (alexnet_ac seed 3)" in footer
+
+
+def test_tensorboard_bands_are_possible_values(tmp_path):
+    # three seeds near 100% with one far off: the raw t interval would reach above 100 and below 0 loss
+    for seed, (acc, loss) in enumerate([(99.9, 0.01), (99.8, 0.02), (60.0, 3.0)]):
+        run_dir = write_run(tmp_path / "sweep", f"r{seed}", "alexnet", seed, acc, final=acc, test=acc)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["history"] = [{"epoch": 1, "val_acc1": acc, "val_loss": loss}]
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
+    arm = tmp_path / "out/tensorboard/cifar10/alexnet (n=3)"
+    assert scalar_series(arm, "mean_over_seeds/val_acc1_high") == {1: 100.0}
+    assert scalar_series(arm, "verdict/test_acc1_high") == {1: 100.0}
+    assert scalar_series(arm, "mean_over_seeds/val_loss_low") == {1: 0.0}
+    accs = [99.9, 99.8, 60.0]
+    assert scalar_series(arm, "mean_over_seeds/val_acc1_low")[1] == pytest.approx(
+        statistics.mean(accs) - T975_DF2 * statistics.stdev(accs) / math.sqrt(3), rel=1e-6)
+
+
+def test_unfinished_runs_are_named_in_the_report_and_tensorboard(sweep, tmp_path):
+    unfinished = next(sweep.rglob("12-00-00")) / "9_alexnet_ac_seed9"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("seed: 9\nmodel:\n  name: alexnet_ac\n")
+    assert main([str(sweep), "--out", str(tmp_path)]) == 0
+    line = f"- {unfinished} (alexnet_ac seed 9): no metrics.json (unfinished or failed)"
+    assert line in (tmp_path / "report.md").read_text()
+    (text,) = events_of(tmp_path / "tensorboard/verdict").Tensors("verdict/text_summary")
+    assert line in text.tensor_proto.string_val[0].decode()
+
+
+def test_tensorboard_url_opens_on_the_verdict_with_arms_coloured():
+    from experiment.report import arms, tensorboard_url
+
+    url = tensorboard_url(["alexnet", "alexnet_ac", "alexnet"])
+    assert url == ("http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:(alexnet_ac|alexnet)"
+                   "&tagFilter=^verdict/#timeseries")
+    assert arms("alexnet_ac") == arms("alexnet") == ["alexnet_ac", "alexnet"]
+    assert arms("alexnet_imagenet") == arms("alexnet_ac_imagenet") == ["alexnet_ac_imagenet", "alexnet_imagenet"]
+    assert arms("resnet18") == ["resnet18_ac", "resnet18"]
+
+
+def write_config(run_dir, model, seed, dataset="cifar10", root="data", lr=0.1, epochs=3, width=0.25, device="cpu"):
+    """A config.yaml as train.py saves it (resolved), for the recipe checks."""
+    ac = baseline_of(model) is not None
+    model_section = (f"  name: {model}\n  arch: {'AlexNetAC' if ac else 'AlexNet'}\n  width: {width}\n"
+                     + ("  gamma_init: 1.0\n" if ac else "  bn: true\n"))
+    (Path(run_dir) / "config.yaml").write_text(
+        f"seed: {seed}\nresume: null\nmodel:\n{model_section}dataset:\n  name: {dataset}\n  root: {root}\n"
+        f"  batch_size: 64\n  eval_batch_size: 512\noptimizer:\n  lr: {lr}\ntrainer:\n  epochs: {epochs}\n"
+        f"  device: {device}\n")
+
+
+def recipe_sweep(root, base_options, ac_options, seeds=(0, 1), dataset="cifar10"):
+    for seed in seeds:
+        # named as a sweep names its jobs: the baseline's first, so its recipe is the dataset's first group
+        write_config(write_run(root, f"{seed}_alexnet_seed{seed}", "alexnet", seed, 90.0 + seed, dataset=dataset),
+                     "alexnet", seed, dataset=dataset, **base_options)
+        write_config(write_run(root, f"{len(seeds) + seed}_alexnet_ac_seed{seed}", "alexnet_ac", seed, 90.5 + seed,
+                               dataset=dataset), "alexnet_ac", seed, dataset=dataset, **ac_options)
+    return load_runs([root])
+
+
+def test_arms_of_one_recipe_pair_whatever_the_device_or_data_root(tmp_path):
+    runs = recipe_sweep(tmp_path, {"device": "cpu", "root": "/a"}, {"device": "cuda", "root": "/b"})
+    (pair,) = paired_differences(runs)
+    assert pair["n_pairs"] == 2 and {run["group"] for run in runs} == {"cifar10"}
+    assert "reported apart" not in render_markdown(summarize(runs), [pair])
+
+
+@pytest.mark.parametrize("base, ac, named", [
+    ({"epochs": 3}, {"epochs": 5}, "trainer.epochs (3 vs 5)"),
+    ({"lr": 0.1}, {"lr": 0.05}, "optimizer.lr (0.1 vs 0.05)"),
+    ({"width": 0.25}, {"width": 0.5}, "model.width (0.25 vs 0.5)"),
+])
+def test_arms_of_different_recipes_are_reported_apart(tmp_path, base, ac, named):
+    runs = recipe_sweep(tmp_path, base, ac)
+    assert paired_differences(runs) == []
+    markdown = write_report(runs, tmp_path / "out")
+    assert "| cifar10 | alexnet | 2 |" in markdown and "| cifar10#2 | alexnet_ac | 2 |" in markdown
+    assert f"- cifar10#2 is not compared with cifar10: different {named}" in markdown
+    assert "## Verdict" not in markdown
+    assert sorted(p.name for p in (tmp_path / "out/tensorboard").iterdir()) == ["cifar10", "cifar10#2", "verdict"]
+
+
+def test_folder_datasets_pair_only_on_the_same_root(tmp_path):
+    same = recipe_sweep(tmp_path / "same", {"root": "/data/pets"}, {"root": "/data/pets"}, dataset="folder")
+    assert paired_differences(same)[0]["n_pairs"] == 2
+    apart = recipe_sweep(tmp_path / "apart", {"root": "/data/pets"}, {"root": "/data/cars"}, dataset="folder")
+    assert paired_differences(apart) == []
+    assert recipe_differences(apart) == ["folder#2 is not compared with folder: different dataset.root "
+                                         "(/data/pets vs /data/cars)"]
+
+
+def test_folder_datasets_with_the_same_class_list_pair_wherever_they_are(tmp_path):
+    root = tmp_path / "sweep"
+    for name, model, folder, classes in (("b", "alexnet", "/a/pets", ["cat", "dog"]),
+                                          ("a", "alexnet_ac", "/b/pets", ["cat", "dog"]),
+                                          ("c", "alexnet_ac", "/c/four", ["a", "b", "c", "d"])):
+        run_dir = write_run(root, name, model, 0 if name != "c" else 1, 90.0, dataset="folder")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "classes": classes}))
+        write_config(run_dir, model, 0, dataset="folder", root=folder)
+    runs = load_runs([root])
+    (pair,) = paired_differences(runs)
+    assert pair["n_pairs"] == 1 and pair["unpaired_ac_seeds"] == []
+    (line,) = recipe_differences(runs)
+    assert line.startswith("folder#2 is not compared with folder: different dataset.classes")
+
+
+def test_a_stored_config_is_read_as_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET_20", "leaked")
+    runs = recipe_sweep(tmp_path, {"lr": "${oc.env:SECRET_20}"}, {"lr": "${oc.env:SECRET_20}"})
+    assert runs[0]["recipe"]["optimizer.lr"] == "${oc.env:SECRET_20}"
+    assert paired_differences(runs)[0]["n_pairs"] == 2
+    other = recipe_sweep(tmp_path / "x", {"lr": "${oc.env:SECRET_20}"}, {"lr": 0.1})
+    assert "leaked" not in "".join(recipe_differences(other)) and "${oc.env:SECRET_20}" in recipe_differences(other)[0]
+
+
+def test_runs_without_config_pair_on_epochs_only(tmp_path):
+    write_run(tmp_path, "0_alexnet_seed0", "alexnet", 0, 90.0, epochs=3)
+    write_run(tmp_path, "1_alexnet_ac_seed0", "alexnet_ac", 0, 91.0, epochs=5)
+    runs = load_runs([tmp_path])
+    assert paired_differences(runs) == []
+    assert recipe_differences(runs) == ["cifar10#2 is not compared with cifar10: different unknown recipe, epochs "
+                                        "(3 vs 5)"]
+
+
+@pytest.mark.parametrize("key, value", [("model", "../../x"), ("dataset", "/an/absolute/path"), ("model", ".."),
+                                        ("model", 5), ("dataset", ""), ("seed", [0]), ("seed", True),
+                                        ("history", "x"), ("history", [{"epoch": "1"}]),
+                                        ("history", [{"epoch": 1, "val_acc1": "9"}]), ("selected_on", 1)])
+def test_malformed_metrics_are_one_line_and_nothing_is_written(sweep, tmp_path, key, value):
+    bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
+    bad.write_text(json.dumps({**json.loads(bad.read_text()), key: value}))
+    out = tmp_path / "deep" / "out"
+    result = subprocess.run([sys.executable, "-m", "experiment.report", str(sweep), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad} has ") and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]
+
+
+@pytest.mark.parametrize("document", ["null", '"a string"', "[1, 2]", "3"])
+def test_metrics_that_are_not_an_object_are_one_line(sweep, document, capsys):
+    bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
+    bad.write_text(document)
+    assert main([str(sweep)]) == 2
+    assert capsys.readouterr().err == f"error: {bad} holds a JSON {type(json.loads(document)).__name__}, not the " \
+                                      "object train.py writes; re-run that run or remove its directory.\n"
+
+
+def test_a_config_that_is_not_a_mapping_is_one_line(sweep, capsys):
+    config = next(sweep.rglob("0_alexnet_seed0")) / "config.yaml"
+    config.write_text("- just\n- a list\n")
+    assert main([str(sweep)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config} is not a mapping of config values")

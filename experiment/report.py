@@ -34,6 +34,7 @@ import numpy as np
 from scipy import stats
 
 from experiment.errors import UserError
+from experiment.tracking import VERDICT_GROUP, baseline_of, tensorboard_url
 
 if TYPE_CHECKING:
     import torch
@@ -49,13 +50,6 @@ METRIC_NAMES = {"best_acc1": "best top-1", "final_acc1": "final top-1", "test_ac
 CURVES = ("val_acc1", "val_loss")
 # A directory holding one of these but no metrics.json is a run that has not finished (yet).
 RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
-
-
-def baseline_of(model: str) -> str | None:
-    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
-    None for others."""
-    head, marker, tail = model.partition("_ac")
-    return head + tail if head and marker and tail[:1] in ("", "_") else None
 
 
 def _model_order(model: str) -> tuple[str, bool]:
@@ -480,7 +474,7 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
 
 
 TENSORBOARD_DIR = "tensorboard"
-MEAN_GROUP, DIFF_GROUP, VERDICT_GROUP = "mean_over_seeds", "ac_minus_baseline", "verdict"
+MEAN_GROUP, DIFF_GROUP = "mean_over_seeds", "ac_minus_baseline"
 # The TensorBoard run that holds the report itself: its text, the verdict figures, the custom-scalars layout.
 VERDICT_RUN = "verdict"
 BANDS_NOTE = ("Bands and intervals: 95% Student-t interval of the mean over seeds, clipped to possible values "
@@ -597,24 +591,6 @@ def tensorboard_layout() -> dict:
     return {"AC vs baseline: mean over seeds, 95% t band": {
         f"{group}/{curve}": ["Margin", [f"{group}/{curve}", f"{group}/{curve}_low", f"{group}/{curve}_high"]]
         for group in (MEAN_GROUP, DIFF_GROUP) for curve in CURVES}}
-
-
-def tensorboard_url(models, port: int = 6006) -> str:
-    """The TensorBoard address that opens on the verdict: Time Series filtered to the ``verdict/`` tags (the
-    figures first), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
-    captures the model's name in the run's name (longest name first, so alexnet_ac is not read as alexnet)."""
-    names = sorted(set(models), key=lambda m: (-len(m), m))
-    return (f"http://127.0.0.1:{port}/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
-            f"&tagFilter=^{VERDICT_GROUP}/#timeseries")
-
-
-def arms(model: str) -> list[str]:
-    """The two arms ``model`` belongs to, by the configs' naming (``<name>_ac`` is the AC model of ``<name>``;
-    the imagenet layout puts ``_ac`` before ``_imagenet``)."""
-    if baseline_of(model):
-        return [model, baseline_of(model)]
-    head, imagenet, _ = model.partition("_imagenet")
-    return [f"{head}_ac{imagenet}", model]
 
 
 def _inside(root: Path, name: str) -> Path:

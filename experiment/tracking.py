@@ -2,6 +2,7 @@
 terminal and plain log lines elsewhere. Only rank 0 reports; on the other ranks the tracker does nothing."""
 import hashlib
 import json
+import re
 
 from experiment.checkpoint import atomic_write
 
@@ -18,6 +19,8 @@ FINAL_METRICS_GROUP = "whole_run"
 # The hparams a comparison varies (params with the model): TensorBoard shows the first five hparams, those
 # marked as differing first.
 VARIED_HPARAMS = ("model", "params", "seed")
+# The tag group of the comparison report's verdict (experiment.report): the address below opens on it.
+VERDICT_GROUP = "verdict"
 
 
 def session_group(config):
@@ -26,6 +29,32 @@ def session_group(config):
     recipe = {k: v for k, v in config.items() if k not in ("seed", "resume")}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{config['model']['name']}_{config['dataset']['name']}_{digest}"
+
+
+def baseline_of(model: str) -> str | None:
+    """Baseline name of an AC model ('alexnet_ac_imagenet' -> 'alexnet_imagenet', 'resnet18_ac' -> 'resnet18');
+    None for others."""
+    head, marker, tail = model.partition("_ac")
+    return head + tail if head and marker and tail[:1] in ("", "_") else None
+
+
+def tensorboard_url(models, port: int = 6006) -> str:
+    """The TensorBoard address that opens on the verdict: Time Series filtered to the ``verdict/`` tags (the
+    figures first), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
+    captures the model's name in the names of the sweep's runs and the report's (longest name first, so that
+    alexnet_ac is not read as alexnet)."""
+    names = sorted(set(models), key=lambda m: (-len(m), m))
+    return (f"http://127.0.0.1:{port}/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
+            f"&tagFilter=^{VERDICT_GROUP}/#timeseries")
+
+
+def arms(model: str) -> list[str]:
+    """The two arms ``model`` belongs to, by the configs' naming (``<name>_ac`` is the AC model of ``<name>``;
+    the imagenet layout puts ``_ac`` before ``_imagenet``)."""
+    if baseline_of(model):
+        return [model, baseline_of(model)]
+    head, imagenet, _ = model.partition("_imagenet")
+    return [f"{head}_ac{imagenet}", model]
 
 
 class RunTracker:

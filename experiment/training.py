@@ -32,7 +32,7 @@ from experiment.distributed import World, all_gather_object, all_reduce_sum, loc
 from experiment.errors import UserError
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
-from experiment.tracking import RunTracker, session_group, write_json
+from experiment.tracking import RunTracker, arms, session_group, tensorboard_url, write_json
 
 log = logging.getLogger("train")
 
@@ -257,10 +257,12 @@ def report(run):
                         step=cfg.trainer.epochs)
     log_kernel_skeleton(run.tracker, run.model, cfg.model.name)
     log.info("done: best %s top-1 %.2f%% (epoch %s), final %s top-1 %.2f%%, test top-1 of best.pt %.2f%%, "
-             "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  tensorboard --logdir %s",
+             "%.0fs, %.0f img/s\n  run directory: %s\n  checkpoints: %s\n  compare the arms: python -m experiment.report %s"
+             "\n  tensorboard --logdir %s --host 127.0.0.1, then open %s",
              metrics["selected_on"], best_acc1 or 0.0, metrics["best_epoch"], metrics["selected_on"],
              metrics["final_acc1"] or 0.0, test_acc1 or 0.0, metrics["train_seconds"], metrics["img_per_s"],
-             run.run_dir, run.saver.directory, run.run_dir.parent)
+             run.run_dir, run.saver.directory, run.run_dir.parent, run.run_dir.parent,
+             tensorboard_url(arms(cfg.model.name)))
 
 
 def score_on_test(run):

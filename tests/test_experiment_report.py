@@ -578,17 +578,6 @@ def test_unfinished_runs_are_named_in_the_report_and_tensorboard(sweep, tmp_path
     assert line in text.tensor_proto.string_val[0].decode()
 
 
-def test_tensorboard_url_opens_on_the_verdict_with_arms_coloured():
-    from experiment.report import arms, tensorboard_url
-
-    url = tensorboard_url(["alexnet", "alexnet_ac", "alexnet"])
-    assert url == ("http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:(alexnet_ac|alexnet)"
-                   "&tagFilter=^verdict/#timeseries")
-    assert arms("alexnet_ac") == arms("alexnet") == ["alexnet_ac", "alexnet"]
-    assert arms("alexnet_imagenet") == arms("alexnet_ac_imagenet") == ["alexnet_ac_imagenet", "alexnet_imagenet"]
-    assert arms("resnet18") == ["resnet18_ac", "resnet18"]
-
-
 def write_config(run_dir, model, seed, dataset="cifar10", root="data", lr=0.1, epochs=3, width=0.25, device="cpu"):
     """A config.yaml as train.py saves it (resolved), for the recipe checks."""
     ac = baseline_of(model) is not None

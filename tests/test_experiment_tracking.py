@@ -3,7 +3,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from experiment.tracking import RunTracker, session_group
+from experiment.tracking import RunTracker, arms, session_group, tensorboard_url
 
 HPARAMS = {"model": "alexnet_ac", "dataset": "digits", "seed": 1, "epochs": 5, "batch_size": 64, "lr": 0.05,
            "params": 895130}
@@ -69,3 +69,12 @@ def test_disabled_tracker_writes_nothing(tmp_path):
     tracker.hparams(HPARAMS, {"best_acc1": 1.0}, group="g")
     tracker.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_url_opens_on_the_verdict_with_arms_coloured():
+    url = tensorboard_url(["alexnet", "alexnet_ac", "alexnet"])
+    assert url == ("http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:(alexnet_ac|alexnet)"
+                   "&tagFilter=^verdict/#timeseries")
+    assert arms("alexnet_ac") == arms("alexnet") == ["alexnet_ac", "alexnet"]
+    assert arms("alexnet_imagenet") == arms("alexnet_ac_imagenet") == ["alexnet_ac_imagenet", "alexnet_imagenet"]
+    assert arms("resnet18") == ["resnet18_ac", "resnet18"]

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import stats
 
 from experiment.errors import UserError
-from experiment.tracking import VERDICT_GROUP, baseline_of, tensorboard_url
+from experiment.tracking import VERDICT_GROUP, VERDICT_NUMBERS_GROUP, baseline_of, tensorboard_url
 
 if TYPE_CHECKING:
     import torch
@@ -544,10 +544,10 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
 
     Per group and model, run ``<group>/<model> (n=<seeds>)``: per epoch the mean over seeds of each of `CURVES`
     (``mean_over_seeds/<curve>``), and at the last epoch the mean of the verdict's metric
-    (``verdict/<metric>``, see `paired_differences`). Per AC model whose baseline ran, run
+    (``verdict_numbers/<metric>``, see `paired_differences`). Per AC model whose baseline ran, run
     ``<group>/<ac> minus <baseline> (n=<pairs> pairs)``: per epoch the paired difference over the seeds both
     arms have at that epoch (``ac_minus_baseline/<curve>``), and the verdict's paired difference
-    (``verdict/ac_minus_baseline_<metric>``, the very numbers of report.md). Every mean over two or more values
+    (``verdict_numbers/ac_minus_baseline_<metric>``, the very numbers of report.md). Every mean over two or more values
     has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`_bounds`); a single
     value has none."""
     pairs = paired_differences(runs)
@@ -561,7 +561,7 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
                 table = _per_epoch(seeds, curve)
                 tags[f"{MEAN_GROUP}/{curve}"] = _band_points(
                     [(e, list(table[e].values())) for e in sorted(table)], _bounds(curve))
-            tags[f"{VERDICT_GROUP}/{metric[model]}"] = _band_points(
+            tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = _band_points(
                 [(_last_epoch(seeds.values()), [_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
             series[arm_run_name(group, model, len(seeds))] = _flat_tags(tags)
         for p in (p for p in pairs if p["dataset"] == group and p["n_pairs"]):
@@ -573,7 +573,7 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
                     [(e, [own[e][s] - other[e][s] for s in paired if s in own[e] and s in other[e]])
                      for e in sorted(own.keys() & other.keys())])
             m, step = p["verdict_metric"], _last_epoch([*ac.values(), *base.values()])
-            tags[f"{VERDICT_GROUP}/{DIFF_GROUP}_{m}"] = {
+            tags[f"{VERDICT_NUMBERS_GROUP}/{DIFF_GROUP}_{m}"] = {
                 "": [(step, p[f"{m}_diff_mean"])],
                 "_low": [(step, p[f"{m}_ci_low"])] if p["n_pairs"] > 1 else [],
                 "_high": [(step, p[f"{m}_ci_high"])] if p["n_pairs"] > 1 else []}
@@ -604,7 +604,7 @@ def _inside(root: Path, name: str) -> Path:
 def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) -> Path:
     """TensorBoard runs under ``out/tensorboard``: the arms and differences of `sweep_series`, and run
     `VERDICT_RUN` with the report (``markdown``, TEXT tab), a `verdict_figure` per paired AC model (IMAGES, and
-    Time Series under ``verdict/``) and `tensorboard_layout`. Event files of an earlier report there are
+    Time Series under ``verdict/``, before the ``verdict_numbers/`` of `sweep_series`) and `tensorboard_layout`. Event files of an earlier report there are
     replaced. Returns out/tensorboard."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -651,12 +651,18 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     """The report's verdict for one AC model, drawn: each arm's validation top-1 per epoch (mean over seeds, 95%
     band), each arm's verdict metric (the seeds, their mean and 95% interval) and the paired difference AC −
     baseline over the seeds both ran (each pair, the mean and the 95% CI of report.md), titled with the verdict.
-    Intervals are clipped to possible values; one seed gets none ("one seed: no interval")."""
-    metric = pair["verdict_metric"]
+    Intervals are clipped to possible values; one seed gets none ("one seed: no interval"). Wide and short, so
+    that TensorBoard's image card (its height is capped) shows it at the card's full width."""
+    import textwrap
+
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(figsize=(13.0, 4.4), layout="constrained")
-    curves, arm_axes, diff_axes = fig.subplots(1, 3, width_ratios=[2.2, 1.2, 1.2])
+    metric = pair["verdict_metric"]
+    fig = _new_figure(figsize=(11.0, 4.6), layout="constrained")
+    axes = fig.subplot_mosaic([["curves", "arms", "diff"]], width_ratios=[2.0, 1.1, 1.0])
+    curves, arm_axes, diff_axes = axes["curves"], axes["arms"], axes["diff"]
+    for ax in axes.values():
+        ax.tick_params(labelsize=10)
     arms_ = ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange"))
     for model, seeds, colour in arms_:
         table = _per_epoch(seeds, "val_acc1")
@@ -666,36 +672,42 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
         if bands["_low"]:
             (epochs, low), (_, high) = zip(*bands["_low"]), zip(*bands["_high"])
             curves.fill_between(epochs, low, high, color=colour, alpha=0.25, linewidth=0)
-    curves.set(title="validation top-1 per epoch, mean and 95% band", xlabel="epoch", ylabel="top-1 (%)")
+    curves.set_title("validation top-1 per epoch: mean, 95% band", fontsize=12)
+    curves.set_xlabel("epoch", fontsize=11)
+    curves.set_ylabel("top-1 (%)", fontsize=11)
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.legend(fontsize=9)
+    curves.legend(fontsize=11)
 
     for x, (model, seeds, colour) in enumerate(arms_):
         values = [_value(r, metric) for r in seeds.values()]
         mean, low, high = _mean_band(values, (0.0, 100.0))
-        arm_axes.scatter([x] * len(values), values, color=colour, alpha=0.5, s=18)
+        arm_axes.scatter([x] * len(values), values, color=colour, alpha=0.5, s=24)
         _mean_with_interval(arm_axes, x, mean, low, high, len(values), colour, f"{mean:.2f}")
-    arm_axes.set_xticks([0, 1], [f"{m}\n(n={len(s)})" for m, s, _ in arms_], fontsize=9)
-    arm_axes.set(title=METRIC_NAMES[metric], ylabel="top-1 (%)", xlim=(-0.6, 1.9))
+    arm_axes.set_xticks([0, 1], [f"{m}\n(n={len(s)})" for m, s, _ in arms_], fontsize=10)
+    arm_axes.set_title(METRIC_NAMES[metric], fontsize=12)
+    arm_axes.set_ylabel("top-1 (%)", fontsize=11)
+    arm_axes.set_xlim(-0.5, 2.0)
 
     n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
     diffs = [_value(ac_runs[s], metric) - _value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
     diff_axes.axhline(0.0, color="grey", linewidth=1)
     if n:
-        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=18)
-        label = f"{mean:+.2f}, 95% CI {_ci(pair, metric)}" if n > 1 else f"{mean:+.2f}"
+        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=24)
+        label = f"{mean:+.2f}\n95% CI\n{_ci(pair, metric)}" if n > 1 else f"{mean:+.2f}"
         _mean_with_interval(diff_axes, 0, mean, pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"], n, "black",
                             label)
-    diff_axes.set_xticks([0], [f"{pair['model']} − {pair['baseline']}\n(n={n} pairs)"], fontsize=9)
-    diff_axes.set(title="paired difference, AC − baseline", ylabel="points", xlim=(-0.5, 1.5))
+    diff_axes.set_xticks([0], [f"AC − baseline\n(n={n} pairs)"], fontsize=10)
+    diff_axes.set_title("paired difference", fontsize=12)
+    diff_axes.set_ylabel("points", fontsize=11)
+    diff_axes.set_xlim(-0.5, 1.5)
 
     notes = [BANDS_NOTE]
     if unfinished:
         notes.append("Not counted, no metrics.json (unfinished): "
                      + ", ".join(Path(u["dir"]).name + _what(u) for u in unfinished))
-    fig.suptitle(f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[metric]}: {verdict(pair)}",
-                 fontsize=11)
-    fig.supxlabel("\n".join(notes), fontsize=8)
+    fig.suptitle(f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[metric]}:\n{verdict(pair)}",
+                 fontsize=12, fontweight="bold")
+    fig.supxlabel("\n".join(textwrap.fill(note, 150) for note in notes), fontsize=9)
     return fig
 
 
@@ -708,7 +720,7 @@ def _mean_with_interval(ax, x, mean, low, high, n, colour, label) -> None:
     else:
         ax.plot([x], [mean], "_", color=colour, markersize=22)
         label += "\none seed: no interval"
-    ax.annotate(label, (x, mean), xytext=(14, 0), textcoords="offset points", va="center", fontsize=9)
+    ax.annotate(label, (x, mean), xytext=(16, 0), textcoords="offset points", va="center", fontsize=11)
 
 
 def _what(run: dict) -> str:

@@ -19,8 +19,9 @@ FINAL_METRICS_GROUP = "whole_run"
 # The hparams a comparison varies (params with the model): TensorBoard shows the first five hparams, those
 # marked as differing first.
 VARIED_HPARAMS = ("model", "params", "seed")
-# The tag group of the comparison report's verdict (experiment.report): the address below opens on it.
-VERDICT_GROUP = "verdict"
+# The tag groups of the comparison report's verdict (experiment.report): its figures, then its numbers (a tag
+# filter lists tags in name order, and "/" sorts before "_"). The address below opens on both.
+VERDICT_GROUP, VERDICT_NUMBERS_GROUP = "verdict", "verdict_numbers"
 
 
 def session_group(config):
@@ -39,13 +40,13 @@ def baseline_of(model: str) -> str | None:
 
 
 def tensorboard_url(models, port: int = 6006) -> str:
-    """The TensorBoard address that opens on the verdict: Time Series filtered to the ``verdict/`` tags (the
-    figures first), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
+    """The TensorBoard address that opens on the verdict: Time Series filtered to the verdict's tags (its
+    figures first, then its numbers), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
     captures the model's name in the names of the sweep's runs and the report's (longest name first, so that
     alexnet_ac is not read as alexnet)."""
     names = sorted(set(models), key=lambda m: (-len(m), m))
     return (f"http://127.0.0.1:{port}/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
-            f"&tagFilter=^{VERDICT_GROUP}/#timeseries")
+            f"&tagFilter=^{VERDICT_GROUP}#timeseries")
 
 
 def arms(model: str) -> list[str]:

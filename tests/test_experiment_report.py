@@ -341,7 +341,7 @@ def test_tensorboard_single_seed_draws_no_interval(tmp_path):
     assert scalar_series(tmp_path / "out/tensorboard/cifar10/alexnet (n=1)", "mean_over_seeds/val_acc1") \
         == {1: 87.5, 2: 88.5, 3: 89.5}
     assert scalar_series(tmp_path / "out/tensorboard/cifar10/alexnet_ac minus alexnet (n=1 pairs)",
-                         "verdict/ac_minus_baseline_final_acc1") == {3: 1.0}
+                         "verdict_numbers/ac_minus_baseline_final_acc1") == {3: 1.0}
 
 
 def test_verdict_reads_the_test_score_of_a_checkpoint_picked_on_a_validation_split(tmp_path):
@@ -510,12 +510,12 @@ def test_tensorboard_verdict_is_the_reports_number(tmp_path):
     assert line in markdown
     diff_run = tmp_path / "out/tensorboard/cifar10/alexnet_ac minus alexnet (n=3 pairs)"
     for side, value in (("", mean), ("_low", mean - half), ("_high", mean + half)):
-        assert scalar_series(diff_run, f"verdict/ac_minus_baseline_test_acc1{side}") == {3: pytest.approx(value, rel=1e-5)}
+        assert scalar_series(diff_run, f"verdict_numbers/ac_minus_baseline_test_acc1{side}") == {3: pytest.approx(value, rel=1e-5)}
     for model, tests in (("alexnet", [90.0, 90.4, 89.8]), ("alexnet_ac", [89.4, 90.1, 89.6])):
         arm = tmp_path / f"out/tensorboard/cifar10/{model} (n=3)"
         arm_half = T975_DF2 * statistics.stdev(tests) / math.sqrt(3)
-        assert scalar_series(arm, "verdict/test_acc1") == {3: pytest.approx(statistics.mean(tests), rel=1e-6)}
-        assert scalar_series(arm, "verdict/test_acc1_high") == {3: pytest.approx(statistics.mean(tests) + arm_half,
+        assert scalar_series(arm, "verdict_numbers/test_acc1") == {3: pytest.approx(statistics.mean(tests), rel=1e-6)}
+        assert scalar_series(arm, "verdict_numbers/test_acc1_high") == {3: pytest.approx(statistics.mean(tests) + arm_half,
                                                                                  rel=1e-6)}
         assert not [tag for tag in events_of(arm).Tags()["scalars"] if "best_acc1" in tag]
 
@@ -527,7 +527,7 @@ def test_tensorboard_verdict_is_the_reports_number(tmp_path):
     (tag,) = verdict_run.Tags()["images"]
     assert tag == "verdict/cifar10 alexnet_ac vs alexnet"
     (image,) = verdict_run.Images(tag)
-    assert image.width > 1000 and image.height > 350
+    assert image.width > 1000 and 2 < image.width / image.height < 3
 
 
 def test_verdict_figure_draws_the_reports_numbers(tmp_path):
@@ -540,14 +540,14 @@ def test_verdict_figure_draws_the_reports_numbers(tmp_path):
     (pair,) = paired_differences(runs)
     ((name, fig),) = verdict_figures(runs, [{"dir": "/x/7_alexnet_ac_seed3", "model": "alexnet_ac", "seed": 3}]).items()
     assert name == "cifar10 alexnet_ac vs alexnet"
-    assert fig._suptitle.get_text() == f"cifar10, alexnet_ac vs alexnet, test top-1 of best.pt: {verdict(pair)}"
+    assert fig._suptitle.get_text() == f"cifar10, alexnet_ac vs alexnet, test top-1 of best.pt:\n{verdict(pair)}"
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert f"{pair['test_acc1_diff_mean']:+.2f}, 95% CI [{pair['test_acc1_ci_low']:+.2f}, {pair['test_acc1_ci_high']:+.2f}]" in texts
+    assert f"{pair['test_acc1_diff_mean']:+.2f}\n95% CI\n[{pair['test_acc1_ci_low']:+.2f}, {pair['test_acc1_ci_high']:+.2f}]" in texts
     assert {"90.07", "89.70"} <= set(texts)  # each arm's mean of the verdict metric, as in the per-model table
     curves = fig.axes[0]
     assert [line.get_label() for line in curves.lines] == ["alexnet (n=3)", "alexnet_ac (n=3)"]
     footer = fig._supxlabel.get_text()
-    assert "clipped to possible values" in footer and "7_alexnet_ac_seed3 (alexnet_ac seed 3)" in footer
+    assert "clipped to possible values" in footer and "7_alexnet_ac_seed3 (alexnet_ac seed 3)" in footer.replace("\n", " ")
 
 
 def test_tensorboard_bands_are_possible_values(tmp_path):
@@ -560,7 +560,7 @@ def test_tensorboard_bands_are_possible_values(tmp_path):
     write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
     arm = tmp_path / "out/tensorboard/cifar10/alexnet (n=3)"
     assert scalar_series(arm, "mean_over_seeds/val_acc1_high") == {1: 100.0}
-    assert scalar_series(arm, "verdict/test_acc1_high") == {1: 100.0}
+    assert scalar_series(arm, "verdict_numbers/test_acc1_high") == {1: 100.0}
     assert scalar_series(arm, "mean_over_seeds/val_loss_low") == {1: 0.0}
     accs = [99.9, 99.8, 60.0]
     assert scalar_series(arm, "mean_over_seeds/val_acc1_low")[1] == pytest.approx(
@@ -693,3 +693,25 @@ def test_a_config_that_is_not_a_mapping_is_one_line(sweep, capsys):
     config.write_text("- just\n- a list\n")
     assert main([str(sweep)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {config} is not a mapping of config values")
+
+
+@pytest.mark.slow
+def test_the_printed_address_opens_on_the_verdict_in_a_real_browser(sweep, tmp_path, capsys):
+    """Chromium, driven over the DevTools protocol (tests/tensorboard_browser.py), opens the address the report
+    prints on TensorBoard serving the report: the verdict figure is on the first screen, before any chart."""
+    import tensorboard_browser as browser  # tests/ is on sys.path under pytest
+
+    if not browser.chromium():
+        pytest.skip("no chromium (Debian: apt-get install -y chromium)")
+    assert main([str(sweep), "--out", str(tmp_path)]) == 0
+    url = capsys.readouterr().err.rsplit("then open ", 1)[1].strip()
+    assert url.startswith("http://127.0.0.1:6006/")
+    with browser.tensorboard(tmp_path) as base:
+        shown = browser.first_screen(url.replace("http://127.0.0.1:6006", base))
+    titles = shown["titles"]
+    assert "verdict/cifar10 alexnet_ac vs alexnet" in titles
+    first_card = next(t for t in titles if t.startswith("verdict"))
+    assert first_card == "verdict/cifar10 alexnet_ac vs alexnet"  # the figure leads, then verdict_numbers/...
+    (image,) = shown["images"]
+    assert "imageData" in image["src"] and image["width"] > 1000 and image["top"] < 600
+    assert "smoothing=0" in shown["url"] and "runColorGroup" in shown["url"]

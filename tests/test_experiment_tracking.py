@@ -74,7 +74,7 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 def test_tensorboard_url_opens_on_the_verdict_with_arms_coloured():
     url = tensorboard_url(["alexnet", "alexnet_ac", "alexnet"])
     assert url == ("http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:(alexnet_ac|alexnet)"
-                   "&tagFilter=^verdict/#timeseries")
+                   "&tagFilter=^verdict#timeseries")
     assert arms("alexnet_ac") == arms("alexnet") == ["alexnet_ac", "alexnet"]
     assert arms("alexnet_imagenet") == arms("alexnet_ac_imagenet") == ["alexnet_ac_imagenet", "alexnet_imagenet"]
     assert arms("resnet18") == ["resnet18_ac", "resnet18"]

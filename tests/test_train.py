@@ -35,7 +35,7 @@ def test_run_directory_holds_everything(trained_runs):
     assert metrics["selected_on"] == "test" and metrics["test_acc1"] == metrics["best_acc1"]
     # the end of the log says how to compare the arms and where TensorBoard shows the verdict
     assert ("then open http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:(alexnet_ac|alexnet)"
-            "&tagFilter=^verdict/#timeseries") in (run / "train.log").read_text()
+            "&tagFilter=^verdict#timeseries") in (run / "train.log").read_text()
 
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc1", "rng", "config"} <= ckpt.keys()

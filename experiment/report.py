@@ -402,9 +402,12 @@ def render_markdown(summary: list[dict], pairs: list[dict], apart=(), unfinished
               "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
               "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
               "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
-    lines += [f"- {p['dataset']}, {p['model']} vs {p['baseline']}, {METRIC_NAMES[p['verdict_metric']]}: {verdict(p)}"
-              for p in pairs]
+    lines += [f"- {_verdict_line(p)}" for p in pairs]
     return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
+
+
+def _verdict_line(pair: dict) -> str:
+    return f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[pair['verdict_metric']]}: {verdict(pair)}"
 
 
 def _apart_lines(apart, unfinished) -> list[str]:
@@ -630,8 +633,7 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
 
 
 def _pixels(fig: Figure) -> np.ndarray:
-    """The figure drawn at the PNG's resolution, as an (H, W, 3) uint8 array for ``add_image``."""
-    fig.set_dpi(100)
+    """The figure drawn as an (H, W, 3) uint8 array for ``add_image``."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
@@ -648,79 +650,64 @@ def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
 
 
 def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()) -> Figure:
-    """The report's verdict for one AC model, drawn: each arm's validation top-1 per epoch (mean over seeds, 95%
-    band), each arm's verdict metric (the seeds, their mean and 95% interval) and the paired difference AC −
-    baseline over the seeds both ran (each pair, the mean and the 95% CI of report.md), titled with the verdict.
-    Intervals are clipped to possible values; one seed gets none ("one seed: no interval"). Wide and short, so
-    that TensorBoard's image card (its height is capped) shows it at the card's full width."""
+    """The report's verdict for one AC model, drawn: each arm's validation top-1 per epoch (mean over seeds and
+    its 95% band; the legend gives n and the arm's mean of the verdict metric) and the paired difference AC −
+    baseline in the verdict metric (each pair, and the mean with the 95% CI of report.md), titled with the
+    verdict. Bands are clipped to possible values; one seed gets none ("one seed: no interval").
+
+    Wide, short and in large type: TensorBoard's Time Series shows an image card about 450 pixels wide, and the
+    figure must read there."""
     import textwrap
 
     from matplotlib.ticker import MaxNLocator
 
     metric = pair["verdict_metric"]
-    fig = _new_figure(figsize=(11.0, 4.6), layout="constrained")
-    axes = fig.subplot_mosaic([["curves", "arms", "diff"]], width_ratios=[2.0, 1.1, 1.0])
-    curves, arm_axes, diff_axes = axes["curves"], axes["arms"], axes["diff"]
-    for ax in axes.values():
-        ax.tick_params(labelsize=10)
-    arms_ = ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange"))
-    for model, seeds, colour in arms_:
+    fig = _new_figure(figsize=(12.0, 5.4), dpi=75, layout="constrained")
+    curves, diff_axes = fig.subplots(1, 2, width_ratios=[1.6, 1.0])
+    for ax in (curves, diff_axes):
+        ax.tick_params(labelsize=15)
+    for model, seeds, colour in ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange")):
         table = _per_epoch(seeds, "val_acc1")
         bands = _band_points([(e, list(table[e].values())) for e in sorted(table)], _bounds("val_acc1"))
+        arm_mean = _mean_std([_value(r, metric) for r in seeds.values()])[0]
+        label = f"{model} (n={len(seeds)}): {arm_mean:.2f}" + ("" if len(seeds) > 1 else ", one seed: no interval")
         if bands[""]:
-            curves.plot(*zip(*bands[""]), color=colour, label=f"{model} (n={len(seeds)})")
+            curves.plot(*zip(*bands[""]), color=colour, linewidth=2.5, label=label)
         if bands["_low"]:
             (epochs, low), (_, high) = zip(*bands["_low"]), zip(*bands["_high"])
             curves.fill_between(epochs, low, high, color=colour, alpha=0.25, linewidth=0)
-    curves.set_title("validation top-1 per epoch: mean, 95% band", fontsize=12)
-    curves.set_xlabel("epoch", fontsize=11)
-    curves.set_ylabel("top-1 (%)", fontsize=11)
+    curves.set_title("validation top-1 per epoch, 95% band", fontsize=17)
+    curves.set_xlabel("epoch", fontsize=16)
+    curves.set_ylabel("top-1 (%)", fontsize=16)
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.legend(fontsize=11)
-
-    for x, (model, seeds, colour) in enumerate(arms_):
-        values = [_value(r, metric) for r in seeds.values()]
-        mean, low, high = _mean_band(values, (0.0, 100.0))
-        arm_axes.scatter([x] * len(values), values, color=colour, alpha=0.5, s=24)
-        _mean_with_interval(arm_axes, x, mean, low, high, len(values), colour, f"{mean:.2f}")
-    arm_axes.set_xticks([0, 1], [f"{m}\n(n={len(s)})" for m, s, _ in arms_], fontsize=10)
-    arm_axes.set_title(METRIC_NAMES[metric], fontsize=12)
-    arm_axes.set_ylabel("top-1 (%)", fontsize=11)
-    arm_axes.set_xlim(-0.5, 2.0)
+    curves.legend(title=f"{METRIC_NAMES[metric]}:", fontsize=15, title_fontsize=15, loc="lower right")
 
     n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
     diffs = [_value(ac_runs[s], metric) - _value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
-    diff_axes.axhline(0.0, color="grey", linewidth=1)
+    diff_axes.axhline(0.0, color="grey", linewidth=1.5)
     if n:
-        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=24)
-        label = f"{mean:+.2f}\n95% CI\n{_ci(pair, metric)}" if n > 1 else f"{mean:+.2f}"
-        _mean_with_interval(diff_axes, 0, mean, pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"], n, "black",
-                            label)
-    diff_axes.set_xticks([0], [f"AC − baseline\n(n={n} pairs)"], fontsize=10)
-    diff_axes.set_title("paired difference", fontsize=12)
-    diff_axes.set_ylabel("points", fontsize=11)
-    diff_axes.set_xlim(-0.5, 1.5)
+        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=60)
+        if n > 1:
+            low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
+            diff_axes.errorbar([0], [mean], yerr=[[mean - low], [high - mean]], fmt="_", color="black",
+                               markersize=40, capsize=14, linewidth=3)
+        else:
+            diff_axes.plot([0], [mean], "_", color="black", markersize=40)
+        label = f"{mean:+.2f}\n" + (f"95% CI\n{_ci(pair, metric)}" if n > 1 else "one seed:\nno interval")
+        diff_axes.annotate(label, (0, mean), xytext=(28, 0), textcoords="offset points", va="center", fontsize=17)
+    diff_axes.set_xticks([0], [f"n={n} pairs"], fontsize=15)
+    diff_axes.set_title("AC − baseline, paired", fontsize=17)
+    diff_axes.set_ylabel("points", fontsize=16)
+    diff_axes.set_xlim(-0.5, 1.6)
 
     notes = [BANDS_NOTE]
     if unfinished:
         notes.append("Not counted, no metrics.json (unfinished): "
                      + ", ".join(Path(u["dir"]).name + _what(u) for u in unfinished))
-    fig.suptitle(f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[metric]}:\n{verdict(pair)}",
-                 fontsize=12, fontweight="bold")
-    fig.supxlabel("\n".join(textwrap.fill(note, 150) for note in notes), fontsize=9)
+    fig.suptitle(textwrap.fill(_verdict_line(pair), 80),
+                 fontsize=18, fontweight="bold")
+    fig.supxlabel("\n".join(textwrap.fill(note, 130) for note in notes), fontsize=11)
     return fig
-
-
-def _mean_with_interval(ax, x, mean, low, high, n, colour, label) -> None:
-    if math.isnan(mean):
-        return
-    if n > 1:
-        ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="_", color=colour, markersize=22,
-                    capsize=8, linewidth=2)
-    else:
-        ax.plot([x], [mean], "_", color=colour, markersize=22)
-        label += "\none seed: no interval"
-    ax.annotate(label, (x, mean), xytext=(16, 0), textcoords="offset points", va="center", fontsize=11)
 
 
 def _what(run: dict) -> str:

@@ -527,7 +527,7 @@ def test_tensorboard_verdict_is_the_reports_number(tmp_path):
     (tag,) = verdict_run.Tags()["images"]
     assert tag == "verdict/cifar10 alexnet_ac vs alexnet"
     (image,) = verdict_run.Images(tag)
-    assert image.width > 1000 and 2 < image.width / image.height < 3
+    assert image.width >= 900 and 2 < image.width / image.height < 3
 
 
 def test_verdict_figure_draws_the_reports_numbers(tmp_path):
@@ -540,12 +540,19 @@ def test_verdict_figure_draws_the_reports_numbers(tmp_path):
     (pair,) = paired_differences(runs)
     ((name, fig),) = verdict_figures(runs, [{"dir": "/x/7_alexnet_ac_seed3", "model": "alexnet_ac", "seed": 3}]).items()
     assert name == "cifar10 alexnet_ac vs alexnet"
-    assert fig._suptitle.get_text() == f"cifar10, alexnet_ac vs alexnet, test top-1 of best.pt:\n{verdict(pair)}"
+    # the report's verdict line, word for word
+    assert fig._suptitle.get_text().replace("\n", " ") == \
+        f"cifar10, alexnet_ac vs alexnet, test top-1 of best.pt: {verdict(pair)}"
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert f"{pair['test_acc1_diff_mean']:+.2f}\n95% CI\n[{pair['test_acc1_ci_low']:+.2f}, {pair['test_acc1_ci_high']:+.2f}]" in texts
-    assert {"90.07", "89.70"} <= set(texts)  # each arm's mean of the verdict metric, as in the per-model table
-    curves = fig.axes[0]
-    assert [line.get_label() for line in curves.lines] == ["alexnet (n=3)", "alexnet_ac (n=3)"]
+    curves, diff_axes = fig.axes[:2]
+    # each arm with its n and its mean of the verdict metric, as in the per-model table
+    assert [line.get_label() for line in curves.lines] == ["alexnet (n=3): 90.07", "alexnet_ac (n=3): 89.70"]
+    assert curves.get_legend().get_title().get_text() == "test top-1 of best.pt:"
+    assert len(curves.collections) == 2  # one band per arm
+    (error_bar,) = diff_axes.containers
+    low, high = sorted(cap.get_ydata()[0] for cap in error_bar.lines[1])  # the interval's two caps
+    assert (low, high) == pytest.approx((pair["test_acc1_ci_low"], pair["test_acc1_ci_high"]))
     footer = fig._supxlabel.get_text()
     assert "clipped to possible values" in footer and "7_alexnet_ac_seed3 (alexnet_ac seed 3)" in footer.replace("\n", " ")
 
@@ -713,5 +720,5 @@ def test_the_printed_address_opens_on_the_verdict_in_a_real_browser(sweep, tmp_p
     first_card = next(t for t in titles if t.startswith("verdict"))
     assert first_card == "verdict/cifar10 alexnet_ac vs alexnet"  # the figure leads, then verdict_numbers/...
     (image,) = shown["images"]
-    assert "imageData" in image["src"] and image["width"] > 1000 and image["top"] < 600
+    assert "imageData" in image["src"] and image["width"] == 900 and image["top"] < 600 and image["shownWidth"] > 300
     assert "smoothing=0" in shown["url"] and "runColorGroup" in shown["url"]

@@ -612,7 +612,8 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
     from torch.utils.tensorboard import SummaryWriter
 
     root = Path(out) / TENSORBOARD_DIR
-    for old in sorted(root.rglob("events.out.tfevents.*")):
+    # only where this function writes: the verdict run at depth 1, the arms and differences at depth 2
+    for old in sorted([*root.glob("*/events.out.tfevents.*"), *root.glob("*/*/events.out.tfevents.*")]):
         old.unlink()
         for parent in old.parents:  # an arm whose n changed leaves no empty run directory behind
             if parent == root or any(parent.iterdir()):

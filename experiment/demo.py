@@ -47,7 +47,10 @@ def main(argv=None):
         fused = json.loads((ac / "checkpoints/best.eval.json").read_text())
         print(f"{seed:>4}  {base:8.2f}  {fused['acc1']:10.2f}  {fused['acc1'] + fused['compare']['acc1_difference']:8.2f}"
               f"  {fused['compare']['differing_predictions']:>29}")
-    print(f"\neverything is in {out} (report.md, report.csv, val_acc1_curves.png); tensorboard --logdir {out}")
+    from experiment.tracking import tensorboard_url  # here: it imports torch, which the demo itself never needs
+
+    print(f"\neverything is in {out} (report.md, report.csv, val_acc1_curves.png); tensorboard --logdir {out} "
+          f"--host 127.0.0.1, then open {tensorboard_url(['alexnet', 'alexnet_ac'])}")
     return 0
 
 

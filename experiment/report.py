@@ -106,6 +106,23 @@ def _read_config(path: Path) -> dict | None:
     return config
 
 
+def _stored_config(run_dir: Path) -> dict | None:
+    """The config stored in a run's checkpoints/last.pt (else best.pt), as plain containers; None when there
+    is none or it cannot be read (that run's recipe is then unknown)."""
+    from experiment.checkpoint import load_checkpoint
+
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / "checkpoints" / name
+        if path.is_file():
+            try:
+                return load_checkpoint(path)["config"]
+            except UserError as e:
+                log.warning("%s has no config.yaml and its checkpoint cannot be read (%s): its recipe is unknown",
+                            run_dir, e)
+                return None
+    return None
+
+
 def _flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
@@ -128,8 +145,11 @@ NOT_RECIPE = ("seed", "resume", "trainer.device", "trainer.progress", "trainer.l
 def recipe(run_dir: Path, run: dict) -> dict | None:
     """The recipe of a run: its config.yaml flattened (``"optimizer.lr": 0.1``), less `ARM_KEYS` and
     `NOT_RECIPE`; None without a config.yaml. A downloaded dataset is its name, wherever its root is; a folder
-    dataset is its class list when metrics.json names one, else its root."""
+    dataset is its class list when metrics.json names one, else its root. Without a config.yaml, the config
+    its checkpoint stores is read instead."""
     config = _read_config(run_dir / "config.yaml")
+    if config is None:
+        config = _stored_config(run_dir)
     if config is None:
         return None
     flat = {k: v for k, v in _flatten(config).items() if k not in ARM_KEYS and k not in NOT_RECIPE}

@@ -223,7 +223,8 @@ def test_report_draws_the_kernel_skeleton_of_runs_with_checkpoints(trained_runs,
     from experiment.report import load_runs, write_report
 
     markdown = write_report(load_runs([trained_runs["alexnet"], trained_runs["alexnet_ac"]]), tmp_path)
-    assert "alexnet_ac" in markdown
+    # two real train.py runs of one recipe (the AC arm's gamma_init is part of its model choice) are paired
+    assert "| digits | alexnet_ac | alexnet | 1 |" in markdown and "reported apart" not in markdown
     with Image.open(tmp_path / "kernel_skeleton_digits.png") as im:
         assert im.format == "PNG" and im.size[1] > 400  # two rows (one row is ~250 px): baseline and AC
 
@@ -722,3 +723,13 @@ def test_the_printed_address_opens_on_the_verdict_in_a_real_browser(sweep, tmp_p
     (image,) = shown["images"]
     assert "imageData" in image["src"] and image["width"] == 900 and image["top"] < 600 and image["shownWidth"] > 300
     assert "smoothing=0" in shown["url"] and "runColorGroup" in shown["url"]
+
+
+def test_a_run_without_config_yaml_has_the_recipe_its_checkpoint_stores(trained_runs, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(trained_runs["alexnet_ac"], tmp_path / "run"))
+    (copy / "config.yaml").unlink()
+    (run,), (original,) = load_runs([copy]), load_runs([trained_runs["alexnet_ac"]])
+    assert original["recipe"]["trainer.epochs"] == 3 and "model.width" in original["recipe"]
+    assert run["recipe"] == original["recipe"]

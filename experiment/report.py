@@ -877,7 +877,7 @@ def save_curves(runs: list[dict], path) -> Path:
     """
     curves = defaultdict(lambda: defaultdict(list))  # dataset -> model -> [{epoch: val_acc1}]
     for run in runs:
-        points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if "val_acc1" in h}
+        points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if h.get("val_acc1") is not None}
         if points:
             curves[run.get("group", run["dataset"])][run["model"]].append(points)
     datasets = sorted({run.get("group", run["dataset"]) for run in runs})

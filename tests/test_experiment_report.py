@@ -733,3 +733,16 @@ def test_a_run_without_config_yaml_has_the_recipe_its_checkpoint_stores(trained_
     (run,), (original,) = load_runs([copy]), load_runs([trained_runs["alexnet_ac"]])
     assert original["recipe"]["trainer.epochs"] == 3 and "model.width" in original["recipe"]
     assert run["recipe"] == original["recipe"]
+
+
+def test_an_epoch_without_a_score_is_left_out_not_averaged(tmp_path):
+    run_dir = write_run(tmp_path / "sweep", "r0", "alexnet", 0, 90.0)
+    write_run(tmp_path / "sweep", "r1", "alexnet", 1, 91.0)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["history"][1]["val_acc1"] = None  # epoch 2 not evaluated (or a null written by hand)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    write_report(load_runs([tmp_path / "sweep"]), tmp_path / "out")
+    arm = tmp_path / "out/tensorboard/cifar10/alexnet (n=2)"
+    assert scalar_series(arm, "mean_over_seeds/val_acc1") == pytest.approx({1: 88.0, 2: 89.5, 3: 90.0})
+    assert sorted(scalar_series(arm, "mean_over_seeds/val_acc1_low")) == [1, 3]  # one value at epoch 2: no interval
+    assert_png(tmp_path / "out/val_acc1_curves.png")

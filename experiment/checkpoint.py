@@ -182,9 +182,9 @@ def load_checkpoint(path, map_location="cpu", training=False):
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
         raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
-    from experiment.config import check_code_names
+    from experiment.config import check_stored_config
 
-    check_code_names(ckpt["config"], f" stored in {path}", training=training)
+    check_stored_config(ckpt["config"], path, training=training)
     if training:
         _check_training_state(ckpt, path)
     return ckpt

@@ -4,6 +4,7 @@ mistake ending in one `error: ...` line with a non-zero exit and no traceback. S
 command-line errors and the run directory Hydra creates go through real subprocesses (run_script,
 start_script); the rest runs the entry point's own `main`, error handling included, in this process
 (conftest.run_main)."""
+import json
 import re
 import shlex
 import shutil
@@ -427,3 +428,62 @@ def test_unknown_config_keys_and_options(tmp_path, script, override, says):
     proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_hydra_error(proc, *says)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A stored config is data: no interpolation in it is resolved, and its values pass the command line's checks.
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+def test_a_stored_interpolation_is_never_resolved(trained_runs, tmp_path, script, monkeypatch):
+    made = tmp_path / "made-by-a-resolver"
+    monkeypatch.setenv("A_SECRET_FOR_THIS_TEST", "hunter2")
+
+    def edit(c):  # a stranger's checkpoint: a cifar10 root whose resolver would make a folder
+        c["config"]["dataset"] = {**c["config"]["dataset"], "name": "cifar10", "download": True,
+                                  "root": f"${{run_dir:null,{made}}}"}
+    proc = run_main(script, f"ckpt={edited_checkpoint(trained_runs, tmp_path, edit)}", check=False)
+    assert_one_error_line(proc, "cifar10 not found or corrupted in ${run_dir:null,")
+    assert not made.exists()
+
+    leak = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update(
+        image_size="${oc.env:A_SECRET_FOR_THIS_TEST}"))
+    proc = run_main(script, f"ckpt={leak}", check=False)
+    assert_one_error_line(proc, "dataset.image_size='${oc.env:A_SECRET_FOR_THIS_TEST}' stored in")
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+@pytest.mark.parametrize("key, value, says", [
+    ("eval_batch_size", -5, "dataset.eval_batch_size=-5 stored in"),
+    ("mean", "abc", "dataset.mean='abc' stored in"),
+    ("std", [0.3, 0.0, 0.3], "dataset.std=[0.3, 0.0, 0.3] stored in"),
+])
+def test_stored_dataset_values_pass_the_command_lines_checks(trained_runs, tmp_path, script, key, value, says):
+    path = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update({key: value}))
+    proc = run_main(script, f"ckpt={path}", check=False)
+    assert_one_error_line(proc, says, "is not valid", "the file was edited or written by other code")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]
+
+
+def test_a_dataset_root_holding_dollar_brace_round_trips_through_eval_fuse_and_resume(tmp_path):
+    root = png_tree(tmp_path / "data ${HOME}")  # a real folder name; escaped on the command line as \${
+    run_dir = tmp_path / "run"
+    escaped = str(root).replace("${", "\\${")
+    run_main("train.py", *TINY, *FOLDER, f"dataset.root='{escaped}'", f"hydra.run.dir={run_dir}")
+    last = run_dir / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["config"]["dataset"]["root"] == str(root)
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(run_dir / "config.yaml").dataset.root == str(root)  # config.yaml: data as well
+
+    report = run_dir / "best.eval.json"
+    run_main("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"out={report}")
+    assert json.loads(report.read_text())["num_samples"] == 12
+    run_main("fuse.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}")
+    assert (run_dir / "checkpoints" / "best_deploy.pt").is_file()
+
+    state = torch.load(last, weights_only=True)
+    state["config"]["trainer"]["epochs"] = 2  # one more epoch to resume into
+    torch.save(state, last)
+    proc = run_main("train.py", f"resume={last}")
+    assert "resumed from" in proc.stdout and read_metrics(run_dir)["epochs"] == 2
+    assert torch.load(last, weights_only=True)["config"]["dataset"]["root"] == str(root)

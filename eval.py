@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 
-from experiment.checkpoint import check_outputs, load_checkpoint
+from experiment.checkpoint import check_outputs, is_eval_report, load_checkpoint
 from experiment.config import EVAL_RULES, check_values
 from experiment.data import checkpoint_test_loader
 from experiment.distributed import World, select_device
@@ -35,7 +35,8 @@ def main(cfg):
     check_values(cfg, EVAL_RULES, allow_null=True)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
     png = out.with_name(f"{out.name.removesuffix('.json').removesuffix('.eval')}.confusion.png")
-    out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare])
+    # an earlier report of eval.py, and the confusion matrix beside it, are replaced; any other file is kept
+    out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare], replaceable=lambda p: is_eval_report(out))
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
     data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)

@@ -17,6 +17,7 @@ the file, never half a file (`atomic_write`).
 """
 import atexit
 import glob
+import json
 import os
 import pickle
 import re
@@ -24,6 +25,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -43,6 +45,7 @@ def atomic_write(path, write, what="file", then=""):
     removes the temporary file and raises a UserError whose advice ends with `then`."""
     path = Path(path)
     tmp = None
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # what a failure must not leave
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -56,14 +59,25 @@ def atomic_write(path, write, what="file", then=""):
     except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)  # an empty checkpoints/ would make a run directory look as if it held checkpoints
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
         raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
     except BaseException:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)
         raise
     return path
+
+
+def _remove_empty(folders):
+    """Remove `folders` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def remove_stale_temporaries(path):
@@ -107,9 +121,6 @@ def link_checkpoint(source, path):
     return path
 
 
-RESUME_HINT = ", then resume from the last checkpoint"  # what a training run's failed save advises
-
-
 class CheckpointSaver:
     """The one rule for what a run keeps: last.pt every `save_every` epochs and after the last one; best.pt
     whenever an epoch scores best so far, as a hard link to last.pt when that is the very same state, else as a
@@ -129,15 +140,22 @@ class CheckpointSaver:
             return
         last, best = self.directory / "last.pt", self.directory / "best.pt"
         if save_last:
-            save_checkpoint(state, last, then=RESUME_HINT)
+            save_checkpoint(state, last, then=self._then())
         if is_best and save_last:  # the same state: a second name, not a second write
             link_checkpoint(last, best)
         elif is_best:
-            save_checkpoint(state, best, then=RESUME_HINT)
+            save_checkpoint(state, best, then=self._then())
 
     def save_interrupted(self, state):
         """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""
-        return save_checkpoint(state, self.directory / "last.pt", then=RESUME_HINT) if self.enabled else None
+        return save_checkpoint(state, self.directory / "last.pt", then=self._then()) if self.enabled else None
+
+    def _then(self):
+        """What a failed save advises: resuming from the last.pt there is, else a new run."""
+        last = self.directory / "last.pt"
+        if last.is_file():
+            return f", then resume with: python {resume_command(last)}"
+        return ", then start the run again with another hydra.run.dir (this run saved no checkpoint to resume from)"
 
 
 def _first_line(error, limit=160):
@@ -290,29 +308,52 @@ def run_dir_of_checkpoint(path):
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+RUN_MARKER = ".alexnet-ac-run"  # written by train.py into every run directory it makes
+CLAIM = ".run.lock"  # a running train.py's claim on its run directory
+
+
 def check_run_dir_free(run_dir, resuming=None):
-    """A run never writes into a directory that already holds a run, unless it is resuming that very run.
+    """A run writes only into a directory it owns. A new run's directory is absent or empty; a resumed run goes
+    on in its own directory, which holds the RUN_MARKER train.py wrote there, or starts afresh in an empty one.
     `resuming`: the path of the checkpoint a resumed run continues from; None for a new run."""
     run_dir = Path(run_dir)
-    taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists()
-    if not taken or (resuming and run_dir.resolve() == run_dir_of_checkpoint(resuming)):
+    if not _contents(run_dir):
         return
+    marked = (run_dir / RUN_MARKER).is_file()
     if resuming:
+        own = run_dir.resolve() == run_dir_of_checkpoint(resuming)
+        if own and marked:
+            return
+        if own:
+            raise UserError(f"{run_dir} was not made by train.py (it has no {RUN_MARKER}), so the run of {resuming} "
+                            f"does not continue there; pass hydra.run.dir=<a new folder> to continue it in that one")
         raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
                         f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
-    raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
-                    f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+    last = run_dir / "checkpoints" / "last.pt"
+    if marked and last.is_file():
+        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
+                        f"resume={last}")
+    if marked:
+        raise UserError(f"{run_dir} already holds a run that saved no checkpoint (it failed or was killed early); "
+                        f"choose another hydra.run.dir, or delete {run_dir} to start there again")
+    raise UserError(f"{run_dir} is not empty and was not made by train.py; a new run starts only in an empty or "
+                    f"new folder: choose another hydra.run.dir")
 
 
-CLAIM = ".run.lock"
+def _contents(run_dir):
+    """What `run_dir` holds besides run claims (a missing directory holds nothing)."""
+    try:
+        return [p for p in run_dir.iterdir() if not p.name.startswith(CLAIM)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def claim_run_dir(run_dir, resuming=None):
-    """Make `run_dir` this process's: refuse a directory that holds another run (see `check_run_dir_free`) or
-    that a running train.py has claimed. The claim is a file holding `pid host`, created atomically; it goes
-    when this process exits, and one left by a killed process of this machine no longer counts."""
+    """Make `run_dir` this process's: refuse a directory this run does not own (see `check_run_dir_free`) or
+    one a running train.py has claimed, then mark it as a run directory (RUN_MARKER). The claim is a file
+    holding `pid host`, created atomically; it goes when this process exits, and one left by a killed process
+    of this machine no longer counts."""
     run_dir = Path(run_dir)
-    check_run_dir_free(run_dir, resuming)
     lock = run_dir / CLAIM
     tmp = run_dir / f"{CLAIM}.{os.getpid()}.tmp"
     try:
@@ -333,6 +374,15 @@ def claim_run_dir(run_dir, resuming=None):
                         f"hydra.run.dir") from None
     finally:
         tmp.unlink(missing_ok=True)
+    try:  # under the claim, so no other train.py can take the directory between the check and the marker
+        check_run_dir_free(run_dir, resuming)
+        marker = run_dir / RUN_MARKER
+        if not marker.exists():
+            marker.write_text(f"a run directory made by train.py on {time.strftime('%Y-%m-%d %H:%M:%S')}; only "
+                              f"this run writes here (train.py resume=... continues it)\n")
+    except BaseException:
+        release_run_dir(lock)
+        raise
     atexit.register(release_run_dir, lock)
     for name in ("last.pt", "best.pt"):  # what a killed save left behind
         remove_stale_temporaries(run_dir / "checkpoints" / name)
@@ -381,10 +431,11 @@ def resume_command(checkpoint):
     return shlex.join([script, f"resume={hydra_quote(checkpoint)}"])
 
 
-def check_outputs(outputs, inputs, option="out"):
+def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False):
     """Refuse, before any work, `outputs` (paths, None skipped) that would replace an input (the same file by
-    name, through a symbolic link or as a hard link), that coincide, or whose folder cannot be made or written.
-    `option` is the setting the user changes to fix it. Returns the outputs as Paths."""
+    name, through a symbolic link or as a hard link), that coincide, whose folder cannot be made or written, or
+    that would replace an existing file the tool did not write: `replaceable(path)` recognises the tool's own
+    earlier outputs. `option` is the setting the user changes to fix it. Returns the outputs as Paths."""
     outputs = [Path(p).expanduser() for p in outputs if p is not None]
     inputs = [Path(p).expanduser() for p in inputs if p is not None]
     for i, out in enumerate(outputs):
@@ -393,7 +444,30 @@ def check_outputs(outputs, inputs, option="out"):
                 what = "the input" if other in inputs else "another output,"
                 raise UserError(f"{option}={out} would overwrite {what} {other}; pass another {option}=")
         _check_folder(out, option)
+        if out.is_file() and not replaceable(out):
+            raise UserError(f"{option}={out} would replace a file this tool did not write (only its own earlier "
+                            f"outputs are replaced); pass another {option}=, or move that file away first")
     return outputs
+
+
+def is_deploy_checkpoint(path):
+    """Whether `path` is a deploy checkpoint, as fuse.py writes them (read as data, never run)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint at all: not fuse.py's either
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("deploy") is True and isinstance(ckpt.get("model"), dict)
+
+
+def is_eval_report(path):
+    """Whether `path` is a JSON report as eval.py writes them (a run's metrics.json is not)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"checkpoint", "acc1", "acc5", "num_samples"} <= report.keys()
 
 
 def _same_file(a, b):

@@ -239,6 +239,81 @@ def test_a_finished_run_is_refused_before_its_target_directory_is_looked_at(trai
     assert snapshot(run_dir) == before and snapshot(other) == before_other
 
 
+def test_a_new_run_never_writes_into_a_users_folder(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my own notes\n")
+    before = snapshot(folder)
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={folder}", check=False)
+    assert_one_error_line(proc, f"{folder} is not empty and was not made by train.py", "choose another hydra.run.dir")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+
+
+def test_a_checkpoint_copied_out_of_its_run_continues_only_in_a_new_folder(trained_runs, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    state = torch.load(trained_runs["alexnet"] / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["trainer"]["epochs"] = 4  # unfinished: one epoch to go
+    torch.save(state, folder / "last.pt")
+    (folder / "config.yaml").write_text("my own notes\n")
+    before = snapshot(folder)
+    proc = run_main("train.py", f"resume={folder / 'last.pt'}", check=False)
+    assert_one_error_line(proc, f"{folder} was not made by train.py", "pass hydra.run.dir=<a new folder>")
+    assert snapshot(folder) == before
+
+    run_dir = tmp_path / "continued"
+    proc = run_main("train.py", f"resume={folder / 'last.pt'}", f"hydra.run.dir={run_dir}")
+    assert "resumed from" in proc.stdout and read_metrics(run_dir)["epochs"] == 4
+    assert snapshot(folder) == before
+
+
+def test_a_killed_runs_folder_is_refused_for_a_new_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_script("train.py", *INTERRUPTIBLE, f"hydra.run.dir={run_dir}")
+    try:  # killed in its first epoch, before any checkpoint: its log is all a new run could mix with
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "train.log").is_file() and "training steps" in (run_dir / "train.log").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the claim and the log stay
+        proc.communicate()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    unclaimed = lambda: {k: v for k, v in snapshot(run_dir).items() if k.name != ".run.lock"}  # noqa: E731
+    before = unclaimed()  # (the killed process's claim is stale: the next claim may clear it)
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
+    assert_one_error_line(proc, f"{run_dir} already holds a run that saved no checkpoint", "choose another hydra.run.dir")
+    assert unclaimed() == before
+
+
+def test_a_failed_first_save_leaves_a_folder_that_says_what_happened(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(27, "File too large")
+    monkeypatch.setattr(torch, "save", full_disk)
+    run_dir = tmp_path / "run"
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
+    line = assert_one_error_line(proc, "could not write checkpoint", "File too large", "nothing was written",
+                                 "start the run again with another hydra.run.dir")
+    assert "resume=" not in line and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script", ["fuse.py", "eval.py"])
+def test_out_never_replaces_a_file_the_tool_did_not_write(trained_runs, tmp_path, script):
+    source, other = tmp_path / "source", tmp_path / "other"
+    shutil.copytree(trained_runs["alexnet_ac"], source)
+    shutil.copytree(trained_runs["alexnet"], other)
+    before = snapshot(other)
+    ckpt = source / "checkpoints" / "best.pt"
+    for target in (other / "checkpoints" / "last.pt", other / "metrics.json", other / "config.yaml"):
+        proc = run_main(script, f"ckpt={ckpt}", f"out={target}", check=False)
+        assert_one_error_line(proc, f"out={target} would replace a file this tool did not write")
+    assert snapshot(other) == before
+    out = tmp_path / ("deploy.pt" if script == "fuse.py" else "report.json")
+    for _ in range(2):  # its own earlier output is replaced
+        run_main(script, f"ckpt={ckpt}", f"out={out}")
+    assert out.is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint files that are not usable
 

@@ -562,3 +562,39 @@ def test_a_dataset_root_holding_dollar_brace_round_trips_through_eval_fuse_and_r
     proc = run_main("train.py", f"resume={last}")
     assert "resumed from" in proc.stdout and read_metrics(run_dir)["epochs"] == 2
     assert torch.load(last, weights_only=True)["config"]["dataset"]["root"] == str(root)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models are what they claim
+
+def poisoned(c):  # a diverged run's weights: one nan in the first conv
+    name = next(k for k, v in c["model"].items() if v.is_floating_point())
+    c["model"][name].view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+def test_weights_that_are_not_finite_are_refused(trained_runs, tmp_path, script):
+    path = edited_checkpoint(trained_runs, tmp_path, poisoned)
+    proc = run_main(script, f"ckpt={path}", check=False)
+    line = assert_one_error_line(proc, f"the weights in {path} are not finite (nan or inf in ")
+    assert "NOT exact" not in proc.stdout + line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]  # no report with a bare NaN in it
+
+
+def test_outputs_that_are_not_finite_are_refused(trained_runs, tmp_path):
+    def overflow(c):  # finite weights whose logits overflow float32
+        last = [k for k in c["model"] if k.endswith("weight")][-1]
+        c["model"][last] *= 1e38
+    path = edited_checkpoint(trained_runs, tmp_path, overflow)
+    proc = run_main("eval.py", f"ckpt={path}", check=False)
+    assert_one_error_line(proc, f"the model in {path} gives non-finite outputs", "digits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]
+
+
+def test_compare_refuses_a_checkpoint_of_another_dataset_with_as_many_classes(trained_runs, tmp_path):
+    other = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update(name="fake"))
+    best = trained_runs["alexnet_ac"] / "checkpoints" / "best.pt"
+    proc = run_main("eval.py", f"ckpt={best}", f"compare={other}", f"out={tmp_path / 'r.json'}", check=False)
+    assert_one_error_line(proc, f"{other} was trained on dataset fake, {best} on digits",
+                          "compare checkpoints of the same task")
+    assert not (tmp_path / "r.json").exists()

@@ -262,21 +262,28 @@ def _run_dir(resume, new_dir):
     return str(path)
 
 
+SWEEP_DIR = "outputs/multirun"  # configs/train.yaml's hydra.sweep.dir, up to its time stamp
+
+
 def check_run_dir_argument(argv):
-    """A `hydra.run.dir=...` on the command line replaces the `run_dir` resolver, and Hydra makes that directory
-    before train.py runs: check it first. (A sweep, `-m`, does not use hydra.run.dir.)"""
-    if "-m" in argv or "--multirun" in argv:
+    """Hydra makes the run directory (`hydra.run.dir=...` on the command line replaces the `run_dir` resolver)
+    or, for a sweep (`-m`), the sweep directory before train.py runs, and reports a failure with a traceback:
+    check the one it will make first."""
+    sweep = "-m" in argv or "--multirun" in argv
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = [arg.split("=", 1)[1].strip("'\"") for arg in argv if arg.startswith(f"{option}=")]
+    path = given[-1] if given else SWEEP_DIR if sweep else None
+    if path is None:
         return
-    for arg in argv:
-        if arg.startswith("hydra.run.dir="):
-            path = Path(arg.split("=", 1)[1].strip("'\""))
-            why = _folder_problem(path)  # creates nothing
-            if why:
-                _exit_unusable_run_dir(path, why)
+    path = Path(path.split("${", 1)[0] or ".")  # the part before an interpolation (a time stamp) is what exists
+    why = _folder_problem(path)  # creates nothing
+    if why:
+        _exit_unusable_run_dir(path, why, option)
 
 
-def _exit_unusable_run_dir(path, why):
-    print(f"error: cannot use {path} as the run directory ({why}); pass a writable hydra.run.dir", file=sys.stderr,
+def _exit_unusable_run_dir(path, why, option="hydra.run.dir"):
+    what = "sweep" if option == "hydra.sweep.dir" else "run"
+    print(f"error: cannot use {path} as the {what} directory ({why}); pass a writable {option}", file=sys.stderr,
           flush=True)
     sys.exit(2)
 

@@ -598,3 +598,26 @@ def test_compare_refuses_a_checkpoint_of_another_dataset_with_as_many_classes(tr
     assert_one_error_line(proc, f"{other} was trained on dataset fake, {best} on digits",
                           "compare checkpoints of the same task")
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["scheduler=multistep", "scheduler.milestones=abc"], "scheduler.milestones='abc' is not valid"),
+    (["scheduler=multistep", "scheduler.milestones=[-1]"], "scheduler.milestones=[-1] is not valid"),
+    (["dataset.mean=[0,0]"], "dataset.mean=[0, 0] is not valid: it must be a list of 3 numbers"),
+    (["model.gamma_init=nan"], "model.gamma_init=nan is not valid"),
+])
+def test_more_bad_config_values_are_one_line_before_any_work(tmp_path, overrides, says):
+    proc = run_main("train.py", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, says)
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
+@pytest.mark.parametrize("where", ["outputs-a-file", "sweep-dir-under-a-file"])
+def test_a_sweep_whose_directory_cannot_be_made_is_one_line(tmp_path, where):
+    (tmp_path / "outputs").write_text("x")
+    option = [] if where == "outputs-a-file" else [f"hydra.sweep.dir={tmp_path / 'outputs' / 'sweep'}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1", *option], cwd=tmp_path,
+                          text=True, capture_output=True, env=script_env(), timeout=300)
+    assert_one_error_line(proc, "as the sweep directory", "outputs is a file, not a folder",
+                          "pass a writable hydra.sweep.dir")
+    assert (tmp_path / "outputs").read_text() == "x"

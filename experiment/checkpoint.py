@@ -332,8 +332,9 @@ def check_run_dir_free(run_dir, resuming=None):
         if own and marked:
             return
         if own:
-            raise UserError(f"{run_dir} was not made by train.py (it has no {RUN_MARKER}), so the run of {resuming} "
-                            f"does not continue there; pass hydra.run.dir=<a new folder> to continue it in that one")
+            raise UserError(f"{run_dir} is not a run directory train.py made (it has no {RUN_MARKER}: a checkpoint "
+                            f"copied there, or a run older than the marker), so {resuming} does not continue there; "
+                            f"pass hydra.run.dir=<a new folder> to continue that run in it")
         raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
                         f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
     last = run_dir / "checkpoints" / "last.pt"

@@ -34,6 +34,10 @@ def _boolean():
     return (lambda v: isinstance(v, bool)), "true or false"
 
 
+def _path():
+    return (lambda v: isinstance(v, str) and v != ""), "a folder path"
+
+
 def _optional(rule):
     check, accepts = rule
     return (lambda v: v is None or check(v)), f"{accepts}, or null"
@@ -47,7 +51,7 @@ def _numbers(rule, length=None):
     def check_all(v):
         is_list = isinstance(v, (list, tuple)) or OmegaConf.is_list(v)
         return is_list and (length is None or len(v) == length) and all(check(x) for x in v)
-    return check_all, f"a list of {count}numbers, each {accepts.removeprefix('a ')}"
+    return check_all, f"a list of {count}finite numbers, each {accepts.removeprefix('a finite number ')}"
 
 
 IMAGE_CHANNELS = 3  # every loader of experiment.data yields RGB images
@@ -64,6 +68,11 @@ TRAIN_RULES = {
     "dataset.hflip": _boolean(),
     "dataset.mean": _numbers(_number(0, 1), IMAGE_CHANNELS),  # per channel, on the 0..1 scale
     "dataset.std": _numbers(_number(0, low_open=True), IMAGE_CHANNELS),
+    "dataset.root": _path(),
+    "dataset.download": _boolean(),
+    "dataset.num_classes": _whole(1),  # dataset=fake
+    "dataset.train_size": _whole(1),
+    "dataset.test_size": _whole(1),
     "dataset.verify_images": _boolean(),
     "dataset.skip_bad_images": _boolean(),
     "model.gamma_init": _optional(_number(0, low_open=True)),  # nan would surface only as a nan loss at step 1

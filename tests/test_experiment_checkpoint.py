@@ -294,7 +294,8 @@ def test_a_checkpoint_copied_out_of_its_run_does_not_resume_in_place(tmp_path, l
     last.parent.mkdir(parents=True)
     last.write_bytes(b"x")
     (folder / "notes.txt").write_text("mine\n")
-    with pytest.raises(UserError, match=f"{folder} was not made by train.py .*pass hydra.run.dir=<a new folder>"):
+    says = f"{folder} is not a run directory train.py made .*pass hydra.run.dir=<a new folder>"
+    with pytest.raises(UserError, match=says):
         check_run_dir_free(folder, str(last))
     check_run_dir_free(tmp_path / "new", str(last))  # what the message advises
 

@@ -258,7 +258,7 @@ def test_a_checkpoint_copied_out_of_its_run_continues_only_in_a_new_folder(train
     (folder / "config.yaml").write_text("my own notes\n")
     before = snapshot(folder)
     proc = run_main("train.py", f"resume={folder / 'last.pt'}", check=False)
-    assert_one_error_line(proc, f"{folder} was not made by train.py", "pass hydra.run.dir=<a new folder>")
+    assert_one_error_line(proc, f"{folder} is not a run directory train.py made", "pass hydra.run.dir=<a new folder>")
     assert snapshot(folder) == before
 
     run_dir = tmp_path / "continued"
@@ -282,7 +282,8 @@ def test_a_killed_runs_folder_is_refused_for_a_new_run(tmp_path):
     unclaimed = lambda: {k: v for k, v in snapshot(run_dir).items() if k.name != ".run.lock"}  # noqa: E731
     before = unclaimed()  # (the killed process's claim is stale: the next claim may clear it)
     proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
-    assert_one_error_line(proc, f"{run_dir} already holds a run that saved no checkpoint", "choose another hydra.run.dir")
+    assert_one_error_line(proc, f"{run_dir} already holds a run that saved no checkpoint",
+                          "choose another hydra.run.dir")
     assert unclaimed() == before
 
 
@@ -603,7 +604,7 @@ def test_compare_refuses_a_checkpoint_of_another_dataset_with_as_many_classes(tr
 @pytest.mark.parametrize("overrides, says", [
     (["scheduler=multistep", "scheduler.milestones=abc"], "scheduler.milestones='abc' is not valid"),
     (["scheduler=multistep", "scheduler.milestones=[-1]"], "scheduler.milestones=[-1] is not valid"),
-    (["dataset.mean=[0,0]"], "dataset.mean=[0, 0] is not valid: it must be a list of 3 numbers"),
+    (["dataset.mean=[0,0]"], "dataset.mean=[0, 0] is not valid: it must be a list of 3 finite numbers"),
     (["model.gamma_init=nan"], "model.gamma_init=nan is not valid"),
 ])
 def test_more_bad_config_values_are_one_line_before_any_work(tmp_path, overrides, says):

@@ -6,6 +6,7 @@ start_script); the rest runs the entry point's own `main`, error handling includ
 (conftest.run_main)."""
 import json
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -287,15 +288,17 @@ def test_a_killed_runs_folder_is_refused_for_a_new_run(tmp_path):
     assert unclaimed() == before
 
 
-def test_a_failed_first_save_leaves_a_folder_that_says_what_happened(tmp_path, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise OSError(27, "File too large")
-    monkeypatch.setattr(torch, "save", full_disk)
+def test_a_failed_first_save_leaves_a_folder_that_says_what_happened(tmp_path):
+    """A real file-size limit (ulimit -f): the log and the event file fit under it, the 1.6 MB checkpoint does not."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
     run_dir = tmp_path / "run"
-    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
-    line = assert_one_error_line(proc, "could not write checkpoint", "File too large", "nothing was written",
-                                 "start the run again with another hydra.run.dir")
-    assert "resume=" not in line and not (run_dir / "checkpoints").exists()
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=ROOT, text=True, capture_output=True, env=script_env(), timeout=300,
+                          preexec_fn=limit_file_size)
+    line = assert_one_error_line(proc, f"could not write checkpoint {run_dir / 'checkpoints' / 'last.pt'}",
+                                 "nothing was written", "start the run again with another hydra.run.dir")
+    assert "resume=" not in line and not (run_dir / "checkpoints").exists() and temp_files(run_dir) == []
 
 
 @pytest.mark.parametrize("script", ["fuse.py", "eval.py"])

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from experiment.config import escape_interpolations
 from experiment.errors import UserError
 
 
@@ -251,7 +252,7 @@ def _run_dir(resume, new_dir):
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
     path = run_dir_of_checkpoint(resume) if resume else new_dir
     # Hydra makes the directory next, and reports a failure with a traceback: check, then make it here
-    why = _folder_problem(Path(path))
+    why = (_DOLLAR_BRACE if "${" in str(path) else None) or _folder_problem(Path(path))
     if not why:
         try:  # what the check cannot foresee: a name too long, a full disk, a quota
             Path(path).mkdir(parents=True, exist_ok=True)
@@ -275,10 +276,17 @@ def check_run_dir_argument(argv):
     path = given[-1] if given else SWEEP_DIR if sweep else None
     if path is None:
         return
+    if "\\${" in path:  # an escaped `${`: a literal one in the folder's name
+        _exit_unusable_run_dir(path.replace("\\${", "${"), _DOLLAR_BRACE, option)
     path = Path(path.split("${", 1)[0] or ".")  # the part before an interpolation (a time stamp) is what exists
     why = _folder_problem(path)  # creates nothing
     if why:
         _exit_unusable_run_dir(path, why, option)
+
+
+# Hydra resolves its run directory's name again after train.py's resolver and the command line: a `${` in it,
+# even escaped, ends in an InterpolationKeyError traceback
+_DOLLAR_BRACE = "its name holds ${, which Hydra reads as an interpolation even when escaped: use a name without it"
 
 
 def _exit_unusable_run_dir(path, why, option="hydra.run.dir"):
@@ -436,7 +444,8 @@ def resume_command(checkpoint):
     script = sys.argv[0]
     if Path(script).name != "train.py":
         script = str(Path(__file__).resolve().parents[1] / "train.py")
-    return shlex.join([script, f"resume={hydra_quote(checkpoint)}"])
+    # escaped for OmegaConf too: a `${` in the path is part of a folder name, not an interpolation
+    return shlex.join([script, f"resume={hydra_quote(escape_interpolations(str(checkpoint)))}"])
 
 
 def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False):

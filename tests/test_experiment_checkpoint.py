@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from conftest import ROOT
 from experiment import checkpoint as ckpt_module
@@ -360,10 +361,12 @@ def test_resume_command_names_train_py_under_a_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["/home/José/run,1/checkpoints/last.pt", "/tmp/it's [x]=y/a b/last.pt",
-                                  "/tmp/back\\slash\\'/last.pt", "/tmp/end\\"])
+                                  "/tmp/back\\slash\\'/last.pt", "/tmp/end\\", "/data ${HOME}/run/last.pt",
+                                  "/data\\${x}/last.pt"])
 def test_resume_command_survives_the_shell_and_hydra(path):
     _, override = shlex.split(resume_command(path))
-    assert OverridesParser.create().parse_override(override).value() == path
+    value = OverridesParser.create().parse_override(override).value()
+    assert OmegaConf.create({"resume": value}).resume == path  # what train.py's config then holds
 
 
 def test_a_second_claim_on_a_directory_in_use_is_refused(tmp_path):
@@ -492,3 +495,11 @@ def test_a_deploy_checkpoint_is_recognised(tmp_path):
     assert not is_deploy_checkpoint(training) and not is_deploy_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="would replace a file this tool did not write"):
         check_outputs([training], [deploy], replaceable=is_deploy_checkpoint)
+
+
+def test_resuming_a_checkpoint_from_a_folder_named_with_dollar_brace_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "a ${x}"
+    with pytest.raises(SystemExit) as exit:
+        ckpt_module._run_dir(str(folder / "checkpoints" / "last.pt"), "unused")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot use {folder} as the run directory (its name holds $")

@@ -625,3 +625,14 @@ def test_a_sweep_whose_directory_cannot_be_made_is_one_line(tmp_path, where):
     assert_one_error_line(proc, "as the sweep directory", "outputs is a file, not a folder",
                           "pass a writable hydra.sweep.dir")
     assert (tmp_path / "outputs").read_text() == "x"
+
+
+@pytest.mark.parametrize("option", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_a_run_directory_named_with_dollar_brace_is_one_line(tmp_path, option):
+    # Hydra resolves its run directory's name again, so a `${` there fails even escaped (a dataset root may hold one)
+    folder = tmp_path / "runs ${x}"
+    sweep = ["-m", "seed=0,1"] if option == "hydra.sweep.dir" else []
+    escaped = str(folder).replace("${", "\\${")  # as the command line takes a literal `${`
+    proc = run_script("train.py", *sweep, *TINY, f"{option}={escaped}", check=False)
+    assert_one_error_line(proc, f"cannot use {folder} as the", "its name holds ${")
+    assert not folder.exists()

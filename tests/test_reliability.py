@@ -636,3 +636,13 @@ def test_a_run_directory_named_with_dollar_brace_is_one_line(tmp_path, option):
     proc = run_script("train.py", *sweep, *TINY, f"{option}={escaped}", check=False)
     assert_one_error_line(proc, f"cannot use {folder} as the", "its name holds ${")
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("script, override, key", [
+    ("train.py", "trainer.epochs=${nope}", "trainer.epochs"),
+    ("eval.py", "ckpt=${oc.env:AN_UNSET_VARIABLE_OF_THIS_TEST}", "ckpt"),
+])
+def test_an_interpolation_that_does_not_resolve_is_one_line(tmp_path, script, override, key):
+    proc = run_main(script, *(TINY if script == "train.py" else []), override, f"hydra.run.dir={tmp_path / 'run'}",
+                    check=False)
+    assert_one_error_line(proc, f"{key}: its interpolation does not resolve", "write a literal ${ as \\${")

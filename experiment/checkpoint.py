@@ -6,14 +6,15 @@ training checkpoints `optimizer`, `scheduler`, `scaler`, `epoch` (epochs complet
 the epoch after that, non-zero only for an interrupted run), `best_acc1`, `history` and `rng`. Deploy
 checkpoints carry `deploy: True` instead of training state.
 
-A run directory belongs to one run, never shared, agreed on by every torchrun process. Hydra names it
-(configs/train.yaml); two resolvers used there make it safe: `run_dir` sends a resumed run back to its own
-directory, and gives processes other than rank 0 a private scratch directory (they learn rank 0's over the
-process group), so a torchrun job leaves exactly one run directory; `log_file` keeps those processes out of
-the run's log.
+A run directory belongs to one run, never shared, agreed on by every torchrun process: train.py marks each one
+it makes (RUN_MARKER), a new run takes only an absent or empty directory, and a resumed run continues only in
+its own marked one (or in a new, empty one). Hydra names it (configs/train.yaml); two resolvers used there
+make it safe: `run_dir` sends a resumed run back to its own directory, and gives processes other than rank 0
+a private scratch directory (they learn rank 0's over the process group), so a torchrun job leaves exactly
+one run directory; `log_file` keeps those processes out of the run's log.
 
-eval.py, fuse.py and the bench write never onto one of their inputs, never into a place that cannot hold
-the file, never half a file (`atomic_write`).
+eval.py, fuse.py and the bench write never onto one of their inputs, never over a file they did not write
+themselves, never into a place that cannot hold the file, never half a file (`atomic_write`).
 """
 import atexit
 import glob

@@ -557,6 +557,13 @@ def test_a_dataset_root_holding_dollar_brace_round_trips_through_eval_fuse_and_r
     report = run_dir / "best.eval.json"
     run_main("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"out={report}")
     assert json.loads(report.read_text())["num_samples"] == 12
+    moved = tmp_path / "moved ${USER}"  # the data moved to another such folder: named on eval.py's command line
+    root.rename(moved)
+    escaped_moved = str(moved).replace("${", "\\${")
+    run_main("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"dataset.root='{escaped_moved}'",
+             f"out={report}")
+    assert json.loads(report.read_text())["num_samples"] == 12
+    moved.rename(root)
     run_main("fuse.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}")
     assert (run_dir / "checkpoints" / "best_deploy.pt").is_file()
 

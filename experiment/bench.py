@@ -22,6 +22,7 @@ measurement on CUDA, and the ratios AC/baseline step time, fused/deploy and fuse
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -429,6 +430,8 @@ def check_model_options(args):
     traceback from the first step."""
     if args.image_size < 1:
         raise UserError(f"--image-size {args.image_size} must be >= 1")
+    if not (math.isfinite(args.width) and args.width > 0 and args.classifier_width >= 1 and 0 <= args.dropout < 1):
+        raise UserError("--width must be a finite number above 0, --classifier-width >= 1, --dropout in [0, 1)")
     for kind in MODELS:  # the options are checked by the constructor; the fit by one forward pass on CPU
         build_model(model_config(kind, args), NUM_CLASSES)
     probe = build_model(model_config("baseline", args) | {"width": 1 / 64, "classifier_width": 8}, NUM_CLASSES)

@@ -75,6 +75,9 @@ TRAIN_RULES = {
     "dataset.test_size": _whole(1),
     "dataset.verify_images": _boolean(),
     "dataset.skip_bad_images": _boolean(),
+    "model.width": _number(0, low_open=True),  # AlexNet's channel multiplier (inf: an OverflowError traceback)
+    "model.classifier_width": _whole(1),  # 0 built a classifier of empty layers
+    "model.dropout": _number(0, 1, high_open=True),  # nan was accepted by nn.Dropout
     "model.gamma_init": _optional(_number(0, low_open=True)),  # nan would surface only as a nan loss at step 1
     "trainer.epochs": _whole(1),
     "trainer.eval_every": _whole(1),

@@ -54,7 +54,8 @@ def test_torchvision_names_come_from_torchvision_builders_only(model, says):
     "scheduler=multistep scheduler.milestones=abc", "scheduler=multistep scheduler.milestones=[-1]",
     "scheduler=multistep scheduler.milestones=[0.5,2]",
     "dataset=folder dataset.root=5", "dataset=cifar10 dataset.download=maybe", "dataset=fake dataset.num_classes=0",
-    "dataset=fake dataset.test_size=0",
+    "dataset=fake dataset.test_size=0", "model.width=inf", "model.width=0", "model.classifier_width=0",
+    "model.dropout=nan", "model.dropout=1",
 ])
 def test_bad_train_values_name_the_key(override):
     *group, override = override.split()

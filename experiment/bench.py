@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from experiment.checkpoint import check_outputs
+from experiment.config import COMPILE_MODES
 from experiment.distributed import select_device
 from experiment.errors import UserError, exit_on_user_error
 from experiment.data import DeviceLoader
@@ -47,7 +48,6 @@ from nets import fuse_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"baseline": "AlexNet", "ac": "AlexNetAC"}
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 NUM_CLASSES = 10
 MEAN, STD = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)  # configs/dataset/fake.yaml

@@ -54,7 +54,12 @@ def _numbers(rule, length=None):
     return check_all, f"a list of {count}finite numbers, each {accepts.removeprefix('a finite number ')}"
 
 
+def _one_of(choices):
+    return (lambda v: isinstance(v, str) and v in choices), f"one of: {', '.join(choices)}"
+
+
 IMAGE_CHANNELS = 3  # every loader of experiment.data yields RGB images
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")  # torch.compile's
 
 
 TRAIN_RULES = {
@@ -87,6 +92,7 @@ TRAIN_RULES = {
     "trainer.amp": _boolean(),
     "trainer.channels_last": _boolean(),
     "trainer.compile": _boolean(),
+    "trainer.compile_mode": _one_of(COMPILE_MODES),  # else torch.compile fails at the first step
     "trainer.progress": _boolean(),
     "trainer.sync_bn": _boolean(),
     "optimizer.lr": _number(0),

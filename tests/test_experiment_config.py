@@ -55,7 +55,7 @@ def test_torchvision_names_come_from_torchvision_builders_only(model, says):
     "scheduler=multistep scheduler.milestones=[0.5,2]",
     "dataset=folder dataset.root=5", "dataset=cifar10 dataset.download=maybe", "dataset=fake dataset.num_classes=0",
     "dataset=fake dataset.test_size=0", "model.width=inf", "model.width=0", "model.classifier_width=0",
-    "model.dropout=nan", "model.dropout=1",
+    "model.dropout=nan", "model.dropout=1", "trainer.compile_mode=fastest",
 ])
 def test_bad_train_values_name_the_key(override):
     *group, override = override.split()

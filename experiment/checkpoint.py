@@ -198,6 +198,11 @@ def load_checkpoint(path, map_location="cpu", training=False):
             and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):
         raise UserError(f"{path} is not a checkpoint of this repository (needs 'model', 'config' and 'num_classes' "
                         f"entries); pass a .pt file written by train.py or fuse.py")
+    num_classes, classes = ckpt["num_classes"], ckpt.get("classes")
+    if (isinstance(num_classes, bool) or num_classes < 1 or not (classes is None or (
+            isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes)))):
+        raise UserError(f"{path} has num_classes={num_classes!r} and classes that do not match it (an edited file or "
+                        f"other code); pass a .pt file written by train.py or fuse.py")
     missing = [k for k in TRAINING_KEYS if k not in ckpt] if training else []
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"

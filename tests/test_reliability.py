@@ -358,7 +358,7 @@ EDITS = {
     "wider": lambda c: c["config"]["model"].update(width=0.25),
     # AC weights under the baseline's config (whose constructor has no gamma_init)
     "other-arch": lambda c: (c["config"]["model"].update(arch="AlexNet"), c["config"]["model"].pop("gamma_init")),
-    "more-classes": lambda c: c.update(num_classes=12),
+    "more-classes": lambda c: c.update(num_classes=12, classes=[str(i) for i in range(12)]),
 }
 
 
@@ -653,3 +653,12 @@ def test_an_interpolation_that_does_not_resolve_is_one_line(tmp_path, script, ov
     proc = run_main(script, *(TINY if script == "train.py" else []), override, f"hydra.run.dir={tmp_path / 'run'}",
                     check=False)
     assert_one_error_line(proc, f"{key}: its interpolation does not resolve", "write a literal ${ as \\${")
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+@pytest.mark.parametrize("edit", [{"num_classes": -1}, {"num_classes": 0}, {"classes": 7}, {"classes": ["a", "b"]}],
+                         ids=["negative-classes", "no-classes", "classes-a-number", "fewer-class-names"])
+def test_a_checkpoint_whose_class_entries_disagree_is_one_line(trained_runs, tmp_path, script, edit):
+    path = edited_checkpoint(trained_runs, tmp_path, lambda c: c.update(edit))
+    assert_one_error_line(run_main(script, f"ckpt={path}", check=False), f"{path} has num_classes=",
+                          "do not match")

@@ -198,6 +198,9 @@ def load_checkpoint(path, map_location="cpu", training=False):
             and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):
         raise UserError(f"{path} is not a checkpoint of this repository (needs 'model', 'config' and 'num_classes' "
                         f"entries); pass a .pt file written by train.py or fuse.py")
+    if ckpt.get("deploy") not in (None, True, False):
+        raise UserError(f"{path} has deploy={ckpt['deploy']!r}, not true or false (an edited file or other code); "
+                        f"pass a .pt file written by train.py or fuse.py")
     num_classes, classes = ckpt["num_classes"], ckpt.get("classes")
     if (isinstance(num_classes, bool) or num_classes < 1 or not (classes is None or (
             isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes)))):

@@ -18,9 +18,9 @@ def choose(registry, name, what, message=None):
 
 
 def exit_on_user_error(main):
-    """Wrap an entry point: a UserError, a GPU out-of-memory, a required config value left out or an
-    interpolation that does not resolve becomes one `error: ...` line on stderr and exit status 2; a Ctrl-C
-    that reaches it, `error: interrupted` and 130."""
+    """Wrap an entry point: a UserError, running out of GPU or host memory, a required config value left out
+    or an interpolation that does not resolve becomes one `error: ...` line on stderr and exit status 2; a
+    Ctrl-C that reaches it, `error: interrupted` and 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -38,6 +38,13 @@ def exit_on_user_error(main):
             first = (str(e).strip().splitlines() or [""])[0][:120]
             print(f"error: the GPU ran out of memory ({first}); "
                   "try a smaller dataset.batch_size or dataset.eval_batch_size", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except (MemoryError, RuntimeError) as e:  # the host's memory: an allocation larger than the machine
+            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:160] or "MemoryError"
+            print(f"error: the machine ran out of memory ({first}); try a smaller dataset.batch_size, "
+                  "dataset.eval_batch_size or dataset.image_size", file=sys.stderr, flush=True)
             sys.exit(2)
         except MissingMandatoryValue as e:  # a `???` in the config that the command line did not fill in
             key = getattr(e, "full_key", None) or "a required config value"

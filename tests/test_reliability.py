@@ -656,9 +656,12 @@ def test_an_interpolation_that_does_not_resolve_is_one_line(tmp_path, script, ov
 
 
 @pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
-@pytest.mark.parametrize("edit", [{"num_classes": -1}, {"num_classes": 0}, {"classes": 7}, {"classes": ["a", "b"]}],
-                         ids=["negative-classes", "no-classes", "classes-a-number", "fewer-class-names"])
-def test_a_checkpoint_whose_class_entries_disagree_is_one_line(trained_runs, tmp_path, script, edit):
+@pytest.mark.parametrize("edit, says", [
+    ({"num_classes": -1}, "has num_classes=-1"), ({"num_classes": 0}, "has num_classes=0"),
+    ({"classes": 7}, "has num_classes=10 and classes that do not match"),
+    ({"classes": ["a", "b"]}, "has num_classes=10 and classes that do not match"),
+    ({"deploy": "yes"}, "has deploy='yes', not true or false"),
+], ids=["negative-classes", "no-classes", "classes-a-number", "fewer-class-names", "deploy-a-string"])
+def test_a_checkpoint_whose_entries_disagree_is_one_line(trained_runs, tmp_path, script, edit, says):
     path = edited_checkpoint(trained_runs, tmp_path, lambda c: c.update(edit))
-    assert_one_error_line(run_main(script, f"ckpt={path}", check=False), f"{path} has num_classes=",
-                          "do not match")
+    assert_one_error_line(run_main(script, f"ckpt={path}", check=False), f"{path} {says}")

@@ -12,11 +12,12 @@ interrupt_in_one_line()  # before the slow imports below
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import hydra
 
-from experiment.checkpoint import check_outputs, load_checkpoint
+from experiment.checkpoint import check_outputs, is_eval_report, load_checkpoint
 from experiment.config import EVAL_RULES, check_values
 from experiment.data import checkpoint_test_loader
 from experiment.distributed import World, select_device
@@ -35,14 +36,22 @@ def main(cfg):
     check_values(cfg, EVAL_RULES, allow_null=True)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
     png = out.with_name(f"{out.name.removesuffix('.json').removesuffix('.eval')}.confusion.png")
-    out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare])
+    # an earlier report of eval.py, and the confusion matrix beside it, are replaced; any other file is kept
+    out, png = check_outputs([out, png], [cfg.ckpt, cfg.compare], replaceable=lambda p: is_eval_report(out))
     device = select_device(cfg.device, option="device")
     ckpt = load_checkpoint(cfg.ckpt)
+    other = load_checkpoint(cfg.compare) if cfg.compare else None
+    if other:  # checked before any work: only models of one task are compared
+        check_same_task(ckpt, cfg.ckpt, other, cfg.compare)
     data_cfg, classes, loader = checkpoint_test_loader(ckpt, cfg.ckpt, cfg.dataset, device=device)
 
     def run(checkpoint, path, amp):
-        return evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(classes),
-                        device=device, world=World(), amp=amp, return_predictions=True)
+        result = evaluate(model_from_checkpoint(checkpoint, path).to(device), loader, num_classes=len(classes),
+                          device=device, world=World(), amp=amp, return_predictions=True)
+        if not math.isfinite(result["loss"]):  # finite weights can still overflow: no score from such outputs
+            raise UserError(f"the model in {path} gives non-finite outputs (nan or inf) on the test split of "
+                            f"{data_cfg.name}; its scores would mean nothing: use an earlier checkpoint of the run")
+        return result
 
     # With compare=, both models run in exact float32 (no bf16, no TF32): a fusion must change no prediction.
     precise = exact_float32 if cfg.compare else contextlib.nullcontext
@@ -57,11 +66,7 @@ def main(cfg):
              data_cfg.name, report["acc1"], report["acc5"], report["loss"], report["num_samples"], report["img_per_s"])
     log.info("per-class top-1: %s", "  ".join(f"{c} {a:.1f}" for c, a in report["per_class_acc1"].items()))
 
-    if cfg.compare:
-        other = load_checkpoint(cfg.compare)
-        if other["num_classes"] != ckpt["num_classes"]:
-            raise UserError(f"{cfg.compare} predicts {other['num_classes']} classes, {cfg.ckpt} "
-                            f"{ckpt['num_classes']}; compare checkpoints of the same task")
+    if other:
         with precise():
             theirs = run(other, cfg.compare, False)
         differing = int((result["predictions"] != theirs["predictions"]).sum())
@@ -75,6 +80,21 @@ def main(cfg):
     write_json(out, report)
     save_confusion_matrix(result["confusion"], classes, png)
     log.info("wrote %s and %s", out, png)
+
+
+def check_same_task(ckpt, path, other, other_path):
+    """compare= counts differing predictions: that means something only for two models of one task, the same
+    classes of the same dataset (a model and its fusion, two seeds, two architectures)."""
+    mine, theirs = ckpt["config"]["dataset"].get("name"), other["config"]["dataset"].get("name")
+    if other["num_classes"] != ckpt["num_classes"]:
+        differ = f"predicts {other['num_classes']} classes, {path} {ckpt['num_classes']}"
+    elif theirs != mine:
+        differ = f"was trained on dataset {theirs}, {path} on {mine}"
+    elif other.get("classes") and ckpt.get("classes") and list(other["classes"]) != list(ckpt["classes"]):
+        differ = f"was trained on other classes than {path}"
+    else:
+        return
+    raise UserError(f"{other_path} {differ}; compare checkpoints of the same task")
 
 
 if __name__ == "__main__":

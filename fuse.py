@@ -16,7 +16,8 @@ from pathlib import Path
 import hydra
 import torch
 
-from experiment.checkpoint import atomic_write, check_outputs, load_checkpoint, save_checkpoint
+from experiment.checkpoint import (atomic_write, check_outputs, is_deploy_checkpoint, load_checkpoint,
+                                   save_checkpoint)
 from experiment.complexity import count_macs, count_parameters
 from experiment.config import FUSE_RULES, check_values
 from experiment.data import checkpoint_test_loader
@@ -40,7 +41,8 @@ def main(cfg):
         return
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_deploy.pt")
     onnx_path = out.with_suffix(".onnx") if cfg.onnx else None
-    out, *_ = check_outputs([out, onnx_path], [cfg.ckpt])
+    # an earlier deploy checkpoint of fuse.py, and the ONNX file beside it, are replaced; any other file is kept
+    out, *_ = check_outputs([out, onnx_path], [cfg.ckpt], replaceable=lambda p: is_deploy_checkpoint(out))
     device = select_device(cfg.device, option="device")
     model = model_from_checkpoint(ckpt, cfg.ckpt).to(device).eval()
     fused = fuse_model(model)

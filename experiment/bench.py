@@ -22,6 +22,7 @@ measurement on CUDA, and the ratios AC/baseline step time, fused/deploy and fuse
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,17 +35,19 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from experiment.checkpoint import check_outputs
+from experiment.config import COMPILE_MODES
 from experiment.distributed import select_device
 from experiment.errors import UserError, exit_on_user_error
 from experiment.data import DeviceLoader
 from experiment.models import build_model, logit_difference
 from experiment.optim import build_optimizer, build_scheduler
+from experiment.tracking import write_json
 from experiment.training import autocast_context, train_one_epoch
 from nets import fuse_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"baseline": "AlexNet", "ac": "AlexNetAC"}
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 NUM_CLASSES = 10
 MEAN, STD = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)  # configs/dataset/fake.yaml
@@ -416,7 +419,38 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads)
     if min(args.batch_sizes) < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--batch-sizes must be >= 2 (BatchNorm), --steps and --repeats >= 1, --warmup >= 0")
+    check_model_options(args)
+    if args.json:  # checked now, not after minutes of measuring
+        args.json, = check_outputs([args.json], [], option="--json", replaceable=_is_bench_json)
     return args
+
+
+def check_model_options(args):
+    """The models the options describe can be built and take `--image-size` images: one line now, not a
+    traceback from the first step."""
+    if args.image_size < 1:
+        raise UserError(f"--image-size {args.image_size} must be >= 1")
+    if not (math.isfinite(args.width) and args.width > 0 and args.classifier_width >= 1 and 0 <= args.dropout < 1):
+        raise UserError("--width must be a finite number above 0, --classifier-width >= 1, --dropout in [0, 1)")
+    for kind in MODELS:  # the options are checked by the constructor; the fit by one forward pass on CPU
+        build_model(model_config(kind, args), NUM_CLASSES)
+    probe = build_model(model_config("baseline", args) | {"width": 1 / 64, "classifier_width": 8}, NUM_CLASSES)
+    try:
+        with torch.no_grad():
+            probe.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
+    except RuntimeError as e:
+        raise UserError(f"--image-size {args.image_size} is too small for the {args.layout} layout "
+                        f"({str(e).splitlines()[0][:100]}); use --image-size "
+                        f"{224 if args.layout == 'imagenet' else 32}") from None
+
+
+def _is_bench_json(path):
+    """Whether `path` holds results this benchmark wrote (only those are replaced by --json)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and {"machine", "settings", "train", "eval", "input"} <= results.keys()
 
 
 @exit_on_user_error
@@ -425,8 +459,7 @@ def main(argv=None):
     results = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
 

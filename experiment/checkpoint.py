@@ -6,17 +6,19 @@ training checkpoints `optimizer`, `scheduler`, `scaler`, `epoch` (epochs complet
 the epoch after that, non-zero only for an interrupted run), `best_acc1`, `history` and `rng`. Deploy
 checkpoints carry `deploy: True` instead of training state.
 
-A run directory belongs to one run, never shared, agreed on by every torchrun process. Hydra names it
-(configs/train.yaml); two resolvers used there make it safe: `run_dir` sends a resumed run back to its own
-directory, and gives processes other than rank 0 a private scratch directory (they learn rank 0's over the
-process group), so a torchrun job leaves exactly one run directory; `log_file` keeps those processes out of
-the run's log.
+A run directory belongs to one run, never shared, agreed on by every torchrun process: train.py marks each one
+it makes (RUN_MARKER), a new run takes only an absent or empty directory, and a resumed run continues only in
+its own marked one (or in a new, empty one). Hydra names it (configs/train.yaml); two resolvers used there
+make it safe: `run_dir` sends a resumed run back to its own directory, and gives processes other than rank 0
+a private scratch directory (they learn rank 0's over the process group), so a torchrun job leaves exactly
+one run directory; `log_file` keeps those processes out of the run's log.
 
-eval.py, fuse.py and the bench write never onto one of their inputs, never into a place that cannot hold
-the file, never half a file (`atomic_write`).
+eval.py, fuse.py and the bench write never onto one of their inputs, never over a file they did not write
+themselves, never into a place that cannot hold the file, never half a file (`atomic_write`).
 """
 import atexit
 import glob
+import json
 import os
 import pickle
 import re
@@ -24,12 +26,14 @@ import shlex
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from experiment.config import escape_interpolations
 from experiment.errors import UserError
 
 
@@ -43,6 +47,7 @@ def atomic_write(path, write, what="file", then=""):
     removes the temporary file and raises a UserError whose advice ends with `then`."""
     path = Path(path)
     tmp = None
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # what a failure must not leave
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -56,14 +61,25 @@ def atomic_write(path, write, what="file", then=""):
     except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)  # an empty checkpoints/ would make a run directory look as if it held checkpoints
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
         raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
     except BaseException:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+        _remove_empty(made)
         raise
     return path
+
+
+def _remove_empty(folders):
+    """Remove `folders` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def remove_stale_temporaries(path):
@@ -107,9 +123,6 @@ def link_checkpoint(source, path):
     return path
 
 
-RESUME_HINT = ", then resume from the last checkpoint"  # what a training run's failed save advises
-
-
 class CheckpointSaver:
     """The one rule for what a run keeps: last.pt every `save_every` epochs and after the last one; best.pt
     whenever an epoch scores best so far, as a hard link to last.pt when that is the very same state, else as a
@@ -129,15 +142,22 @@ class CheckpointSaver:
             return
         last, best = self.directory / "last.pt", self.directory / "best.pt"
         if save_last:
-            save_checkpoint(state, last, then=RESUME_HINT)
+            save_checkpoint(state, last, then=self._then())
         if is_best and save_last:  # the same state: a second name, not a second write
             link_checkpoint(last, best)
         elif is_best:
-            save_checkpoint(state, best, then=RESUME_HINT)
+            save_checkpoint(state, best, then=self._then())
 
     def save_interrupted(self, state):
         """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""
-        return save_checkpoint(state, self.directory / "last.pt", then=RESUME_HINT) if self.enabled else None
+        return save_checkpoint(state, self.directory / "last.pt", then=self._then()) if self.enabled else None
+
+    def _then(self):
+        """What a failed save advises: resuming from the last.pt there is, else a new run."""
+        last = self.directory / "last.pt"
+        if last.is_file():
+            return f", then resume with: python {resume_command(last)}"
+        return ", then start the run again with another hydra.run.dir (this run saved no checkpoint to resume from)"
 
 
 def _first_line(error, limit=160):
@@ -178,13 +198,21 @@ def load_checkpoint(path, map_location="cpu", training=False):
             and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):
         raise UserError(f"{path} is not a checkpoint of this repository (needs 'model', 'config' and 'num_classes' "
                         f"entries); pass a .pt file written by train.py or fuse.py")
+    if ckpt.get("deploy") not in (None, True, False):
+        raise UserError(f"{path} has deploy={ckpt['deploy']!r}, not true or false (an edited file or other code); "
+                        f"pass a .pt file written by train.py or fuse.py")
+    num_classes, classes = ckpt["num_classes"], ckpt.get("classes")
+    if (isinstance(num_classes, bool) or num_classes < 1 or not (classes is None or (
+            isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes)))):
+        raise UserError(f"{path} has num_classes={num_classes!r} and classes that do not match it (an edited file or "
+                        f"other code); pass a .pt file written by train.py or fuse.py")
     missing = [k for k in TRAINING_KEYS if k not in ckpt] if training else []
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
         raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
-    from experiment.config import check_code_names
+    from experiment.config import check_stored_config
 
-    check_code_names(ckpt["config"], f" stored in {path}", training=training)
+    check_stored_config(ckpt["config"], path, training=training)
     if training:
         _check_training_state(ckpt, path)
     return ckpt
@@ -233,7 +261,7 @@ def _run_dir(resume, new_dir):
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
     path = run_dir_of_checkpoint(resume) if resume else new_dir
     # Hydra makes the directory next, and reports a failure with a traceback: check, then make it here
-    why = _folder_problem(Path(path))
+    why = (_DOLLAR_BRACE if "${" in str(path) else None) or _folder_problem(Path(path))
     if not why:
         try:  # what the check cannot foresee: a name too long, a full disk, a quota
             Path(path).mkdir(parents=True, exist_ok=True)
@@ -244,21 +272,35 @@ def _run_dir(resume, new_dir):
     return str(path)
 
 
+SWEEP_DIR = "outputs/multirun"  # configs/train.yaml's hydra.sweep.dir, up to its time stamp
+
+
 def check_run_dir_argument(argv):
-    """A `hydra.run.dir=...` on the command line replaces the `run_dir` resolver, and Hydra makes that directory
-    before train.py runs: check it first. (A sweep, `-m`, does not use hydra.run.dir.)"""
-    if "-m" in argv or "--multirun" in argv:
+    """Hydra makes the run directory (`hydra.run.dir=...` on the command line replaces the `run_dir` resolver)
+    or, for a sweep (`-m`), the sweep directory before train.py runs, and reports a failure with a traceback:
+    check the one it will make first."""
+    sweep = "-m" in argv or "--multirun" in argv
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = [arg.split("=", 1)[1].strip("'\"") for arg in argv if arg.startswith(f"{option}=")]
+    path = given[-1] if given else SWEEP_DIR if sweep else None
+    if path is None:
         return
-    for arg in argv:
-        if arg.startswith("hydra.run.dir="):
-            path = Path(arg.split("=", 1)[1].strip("'\""))
-            why = _folder_problem(path)  # creates nothing
-            if why:
-                _exit_unusable_run_dir(path, why)
+    if "\\${" in path:  # an escaped `${`: a literal one in the folder's name
+        _exit_unusable_run_dir(path.replace("\\${", "${"), _DOLLAR_BRACE, option)
+    path = Path(path.split("${", 1)[0] or ".")  # the part before an interpolation (a time stamp) is what exists
+    why = _folder_problem(path)  # creates nothing
+    if why:
+        _exit_unusable_run_dir(path, why, option)
 
 
-def _exit_unusable_run_dir(path, why):
-    print(f"error: cannot use {path} as the run directory ({why}); pass a writable hydra.run.dir", file=sys.stderr,
+# Hydra resolves its run directory's name again after train.py's resolver and the command line: a `${` in it,
+# even escaped, ends in an InterpolationKeyError traceback
+_DOLLAR_BRACE = "its name holds ${, which Hydra reads as an interpolation even when escaped: use a name without it"
+
+
+def _exit_unusable_run_dir(path, why, option="hydra.run.dir"):
+    what = "sweep" if option == "hydra.sweep.dir" else "run"
+    print(f"error: cannot use {path} as the {what} directory ({why}); pass a writable {option}", file=sys.stderr,
           flush=True)
     sys.exit(2)
 
@@ -290,29 +332,53 @@ def run_dir_of_checkpoint(path):
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+RUN_MARKER = ".alexnet-ac-run"  # written by train.py into every run directory it makes
+CLAIM = ".run.lock"  # a running train.py's claim on its run directory
+
+
 def check_run_dir_free(run_dir, resuming=None):
-    """A run never writes into a directory that already holds a run, unless it is resuming that very run.
+    """A run writes only into a directory it owns. A new run's directory is absent or empty; a resumed run goes
+    on in its own directory, which holds the RUN_MARKER train.py wrote there, or starts afresh in an empty one.
     `resuming`: the path of the checkpoint a resumed run continues from; None for a new run."""
     run_dir = Path(run_dir)
-    taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists()
-    if not taken or (resuming and run_dir.resolve() == run_dir_of_checkpoint(resuming)):
+    if not _contents(run_dir):
         return
+    marked = (run_dir / RUN_MARKER).is_file()
     if resuming:
+        own = run_dir.resolve() == run_dir_of_checkpoint(resuming)
+        if own and marked:
+            return
+        if own:
+            raise UserError(f"{run_dir} is not a run directory train.py made (it has no {RUN_MARKER}: a checkpoint "
+                            f"copied there, or a run older than the marker), so {resuming} does not continue there; "
+                            f"pass hydra.run.dir=<a new folder> to continue that run in it")
         raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
                         f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
-    raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
-                    f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+    last = run_dir / "checkpoints" / "last.pt"
+    if marked and last.is_file():
+        raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
+                        f"resume={last}")
+    if marked:
+        raise UserError(f"{run_dir} already holds a run that saved no checkpoint (it failed or was killed early); "
+                        f"choose another hydra.run.dir, or delete {run_dir} to start there again")
+    raise UserError(f"{run_dir} is not empty and was not made by train.py; a new run starts only in an empty or "
+                    f"new folder: choose another hydra.run.dir")
 
 
-CLAIM = ".run.lock"
+def _contents(run_dir):
+    """What `run_dir` holds besides run claims (a missing directory holds nothing)."""
+    try:
+        return [p for p in run_dir.iterdir() if not p.name.startswith(CLAIM)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def claim_run_dir(run_dir, resuming=None):
-    """Make `run_dir` this process's: refuse a directory that holds another run (see `check_run_dir_free`) or
-    that a running train.py has claimed. The claim is a file holding `pid host`, created atomically; it goes
-    when this process exits, and one left by a killed process of this machine no longer counts."""
+    """Make `run_dir` this process's: refuse a directory this run does not own (see `check_run_dir_free`) or
+    one a running train.py has claimed, then mark it as a run directory (RUN_MARKER). The claim is a file
+    holding `pid host`, created atomically; it goes when this process exits, and one left by a killed process
+    of this machine no longer counts."""
     run_dir = Path(run_dir)
-    check_run_dir_free(run_dir, resuming)
     lock = run_dir / CLAIM
     tmp = run_dir / f"{CLAIM}.{os.getpid()}.tmp"
     try:
@@ -333,6 +399,15 @@ def claim_run_dir(run_dir, resuming=None):
                         f"hydra.run.dir") from None
     finally:
         tmp.unlink(missing_ok=True)
+    try:  # under the claim, so no other train.py can take the directory between the check and the marker
+        check_run_dir_free(run_dir, resuming)
+        marker = run_dir / RUN_MARKER
+        if not marker.exists():
+            marker.write_text(f"a run directory made by train.py on {time.strftime('%Y-%m-%d %H:%M:%S')}; only "
+                              f"this run writes here (train.py resume=... continues it)\n")
+    except BaseException:
+        release_run_dir(lock)
+        raise
     atexit.register(release_run_dir, lock)
     for name in ("last.pt", "best.pt"):  # what a killed save left behind
         remove_stale_temporaries(run_dir / "checkpoints" / name)
@@ -378,13 +453,15 @@ def resume_command(checkpoint):
     script = sys.argv[0]
     if Path(script).name != "train.py":
         script = str(Path(__file__).resolve().parents[1] / "train.py")
-    return shlex.join([script, f"resume={hydra_quote(checkpoint)}"])
+    # escaped for OmegaConf too: a `${` in the path is part of a folder name, not an interpolation
+    return shlex.join([script, f"resume={hydra_quote(escape_interpolations(str(checkpoint)))}"])
 
 
-def check_outputs(outputs, inputs, option="out"):
+def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False):
     """Refuse, before any work, `outputs` (paths, None skipped) that would replace an input (the same file by
-    name, through a symbolic link or as a hard link), that coincide, or whose folder cannot be made or written.
-    `option` is the setting the user changes to fix it. Returns the outputs as Paths."""
+    name, through a symbolic link or as a hard link), that coincide, whose folder cannot be made or written, or
+    that would replace an existing file the tool did not write: `replaceable(path)` recognises the tool's own
+    earlier outputs. `option` is the setting the user changes to fix it. Returns the outputs as Paths."""
     outputs = [Path(p).expanduser() for p in outputs if p is not None]
     inputs = [Path(p).expanduser() for p in inputs if p is not None]
     for i, out in enumerate(outputs):
@@ -393,7 +470,30 @@ def check_outputs(outputs, inputs, option="out"):
                 what = "the input" if other in inputs else "another output,"
                 raise UserError(f"{option}={out} would overwrite {what} {other}; pass another {option}=")
         _check_folder(out, option)
+        if out.is_file() and not replaceable(out):
+            raise UserError(f"{option}={out} would replace a file this tool did not write (only its own earlier "
+                            f"outputs are replaced); pass another {option}=, or move that file away first")
     return outputs
+
+
+def is_deploy_checkpoint(path):
+    """Whether `path` is a deploy checkpoint, as fuse.py writes them (read as data, never run)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint at all: not fuse.py's either
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("deploy") is True and isinstance(ckpt.get("model"), dict)
+
+
+def is_eval_report(path):
+    """Whether `path` is a JSON report as eval.py writes them (a run's metrics.json is not)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"checkpoint", "acc1", "acc5", "num_samples"} <= report.keys()
 
 
 def _same_file(a, b):

@@ -1,7 +1,9 @@
 """Config values, checked once before any work: a wrong value ends in one line that names the key and what
 it accepts, not in a traceback deep inside the run. A checkpoint's stored config passes the same checks and,
-since a checkpoint is data from strangers, every name in it that picks code must come from a closed list."""
+since a checkpoint is data from strangers, every name in it that picks code must come from a closed list, and
+none of its strings is ever read as an OmegaConf interpolation (`literal_config`)."""
 import math
+import re
 
 from omegaconf import OmegaConf
 
@@ -16,16 +18,48 @@ def _whole(minimum, below=None):
     return check, f"a whole number of at least {minimum}" + (f" and below {below:,}" if below else "")
 
 
-def _number(low, high=math.inf, high_open=False):
+def _number(low, high=math.inf, high_open=False, low_open=False):
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
-        return ok and (v < high if high_open else v <= high)
-    bound = f"in [{low}, {high})" if high_open else (f"of at least {low}" if high == math.inf else f"in [{low}, {high}]")
-    return check, f"a number {bound}"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if high == math.inf:
+        bound = f"above {low}" if low_open else f"of at least {low}"
+    else:
+        bound = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        bound = f"in {bound}"
+    return check, f"a finite number {bound}"
 
 
 def _boolean():
     return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def _path():
+    return (lambda v: isinstance(v, str) and v != ""), "a folder path"
+
+
+def _optional(rule):
+    check, accepts = rule
+    return (lambda v: v is None or check(v)), f"{accepts}, or null"
+
+
+def _numbers(rule, length=None):
+    """A list of numbers each passing `rule`, of `length` entries when given."""
+    check, accepts = rule
+    count = f"{length} " if length else ""
+
+    def check_all(v):
+        is_list = isinstance(v, (list, tuple)) or OmegaConf.is_list(v)
+        return is_list and (length is None or len(v) == length) and all(check(x) for x in v)
+    return check_all, f"a list of {count}finite numbers, each {accepts.removeprefix('a finite number ')}"
+
+
+def _one_of(choices):
+    return (lambda v: isinstance(v, str) and v in choices), f"one of: {', '.join(choices)}"
+
+
+IMAGE_CHANNELS = 3  # every loader of experiment.data yields RGB images
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")  # torch.compile's
 
 
 TRAIN_RULES = {
@@ -37,6 +71,19 @@ TRAIN_RULES = {
     "dataset.crop_padding": _whole(0),
     "dataset.num_workers": _whole(0),
     "dataset.hflip": _boolean(),
+    "dataset.mean": _numbers(_number(0, 1), IMAGE_CHANNELS),  # per channel, on the 0..1 scale
+    "dataset.std": _numbers(_number(0, low_open=True), IMAGE_CHANNELS),
+    "dataset.root": _path(),
+    "dataset.download": _boolean(),
+    "dataset.num_classes": _whole(1),  # dataset=fake
+    "dataset.train_size": _whole(1),
+    "dataset.test_size": _whole(1),
+    "dataset.verify_images": _boolean(),
+    "dataset.skip_bad_images": _boolean(),
+    "model.width": _number(0, low_open=True),  # AlexNet's channel multiplier (inf: an OverflowError traceback)
+    "model.classifier_width": _whole(1),  # 0 built a classifier of empty layers
+    "model.dropout": _number(0, 1, high_open=True),  # nan was accepted by nn.Dropout
+    "model.gamma_init": _optional(_number(0, low_open=True)),  # nan would surface only as a nan loss at step 1
     "trainer.epochs": _whole(1),
     "trainer.eval_every": _whole(1),
     "trainer.save_every": _whole(1),
@@ -45,6 +92,7 @@ TRAIN_RULES = {
     "trainer.amp": _boolean(),
     "trainer.channels_last": _boolean(),
     "trainer.compile": _boolean(),
+    "trainer.compile_mode": _one_of(COMPILE_MODES),  # else torch.compile fails at the first step
     "trainer.progress": _boolean(),
     "trainer.sync_bn": _boolean(),
     "optimizer.lr": _number(0),
@@ -57,6 +105,7 @@ TRAIN_RULES = {
     "scheduler.start_factor": _number(0, 1),
     "scheduler.pct_start": _number(0, 1, high_open=True),
     "scheduler.gamma": _number(0),
+    "scheduler.milestones": _numbers(_number(0, 1)),  # fractions of the steps after warm-up; -1 decays at step 0
 }
 
 # eval.py and fuse.py: their own options, and the dataset overrides (null keeps the checkpoint's value)
@@ -64,14 +113,44 @@ EVAL_RULES = {"dataset.eval_batch_size": _whole(1), "dataset.num_workers": _whol
 FUSE_RULES = {"check_batch": _whole(1), "tolerance": _number(0)}
 
 
-def check_values(cfg, rules, where="", allow_null=False):
-    """Every key of `rules` that `cfg` holds must pass its check; `where` says whose config it is."""
+def check_values(cfg, rules, where="", allow_null=False, fix="fix that value"):
+    """Every key of `rules` that `cfg` holds must pass its check; `where` says whose config it is, `fix` what to do."""
     for key, (check, accepts) in rules.items():
         value = _select(cfg, key)
         if value is _ABSENT or (value is None and allow_null):
             continue
         if not check(value):
-            raise UserError(f"{key}={value!r}{where} is not valid: it must be {accepts}; fix that value")
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise UserError(f"{key}={shown!r}{where} is not valid: it must be {accepts}; {fix}")
+
+
+def check_stored_config(config, path, training=False):
+    """A checkpoint's stored config (plain containers) passes the command line's checks: a value edited into it
+    is refused before it is used, as it would have been on train.py's command line. `training`: see
+    `check_code_names`."""
+    where = f" stored in {path}"
+    check_code_names(config, where, training=training)
+    check_values(config, TRAIN_RULES, where, fix="the file was edited or written by other code: use a checkpoint "
+                                                  "written by train.py or fuse.py")
+
+
+def literal_config(tree):
+    """An OmegaConf config of the plain containers `tree` (a stored config) whose strings are all literal: each
+    `${` is escaped, so reading a value gives back exactly the stored string. Without this a stored
+    `${oc.env:...}` or `${run_dir:...}` would run a resolver (an interpolation is code), and a real path that
+    contains `${` would fail to resolve."""
+    return OmegaConf.create(escape_interpolations(tree))
+
+
+def escape_interpolations(value):
+    """`value` (plain containers, strings, numbers) with every `${` in its strings escaped for OmegaConf."""
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_interpolations(v) for v in value]
+    if isinstance(value, str):  # OmegaConf's escape is `\${`; backslashes right before it escape each other
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
 
 
 def _select(tree, key):

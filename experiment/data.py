@@ -268,15 +268,19 @@ def report_skipped_images(data):
 
 def dataset_config(stored, overrides, config_dir=None):
     """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top. Naming
-    another dataset starts from its file in `config_dir` (default: the repository's configs/dataset/)."""
-    cfg = OmegaConf.create(stored)
+    another dataset starts from its file in `config_dir` (default: the repository's configs/dataset/). Stored
+    and overridden values are data: no string in the result is an interpolation (`literal_config`)."""
+    from experiment.config import literal_config
+
     name = overrides.get("name")
-    if name and name != cfg.name:
+    cfg = dict(stored)
+    if name and name != cfg.get("name"):
         choose(DATASETS, name, "dataset.name")
-        cfg = _dataset_file(Path(config_dir or DATASET_CONFIGS), name)
+        cfg = OmegaConf.to_container(_dataset_file(Path(config_dir or DATASET_CONFIGS), name), resolve=True)
     if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
-        cfg.download = False
-    return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
+        cfg["download"] = False
+    overrides = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else overrides
+    return literal_config(cfg | {k: v for k, v in overrides.items() if v is not None and k != "name"})
 
 
 def _dataset_file(config_dir, name):

@@ -18,13 +18,14 @@ def choose(registry, name, what, message=None):
 
 
 def exit_on_user_error(main):
-    """Wrap an entry point: a UserError, a GPU out-of-memory or a required config value left out becomes
-    one `error: ...` line on stderr and exit status 2; a Ctrl-C that reaches it, `error: interrupted` and 130."""
+    """Wrap an entry point: a UserError, running out of GPU or host memory, a required config value left out
+    or an interpolation that does not resolve becomes one `error: ...` line on stderr and exit status 2; a
+    Ctrl-C that reaches it, `error: interrupted` and 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         import torch  # here, not at the top: an entry point imports this module before its slow imports
-        from omegaconf.errors import MissingMandatoryValue
+        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
         if _installed_by == os.getpid():  # from here on a Ctrl-C unwinds, and is reported below
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -38,9 +39,22 @@ def exit_on_user_error(main):
             print(f"error: the GPU ran out of memory ({first}); "
                   "try a smaller dataset.batch_size or dataset.eval_batch_size", file=sys.stderr, flush=True)
             sys.exit(2)
+        except (MemoryError, RuntimeError) as e:  # the host's memory: an allocation larger than the machine
+            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:160] or "MemoryError"
+            print(f"error: the machine ran out of memory ({first}); try a smaller dataset.batch_size, "
+                  "dataset.eval_batch_size or dataset.image_size", file=sys.stderr, flush=True)
+            sys.exit(2)
         except MissingMandatoryValue as e:  # a `???` in the config that the command line did not fill in
             key = getattr(e, "full_key", None) or "a required config value"
             print(f"error: {key} is required; pass {key}=... on the command line", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except InterpolationResolutionError as e:  # a `${...}` given on the command line that does not resolve
+            key = getattr(e, "full_key", None) or "a config value"
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            print(f"error: {key}: its interpolation does not resolve ({first}); fix it, or write a literal ${{ "
+                  f"as \\${{", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
             print("error: interrupted", file=sys.stderr, flush=True)

@@ -97,7 +97,14 @@ def check_input_fits(model, images, name):
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild the network a checkpoint describes and load its weights (strict)."""
+    """Rebuild the network a checkpoint describes and load its weights (strict); weights that are not finite
+    are refused: such a model's scores and fusion would mean nothing."""
+    bad = [name for name, value in ckpt["model"].items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise UserError(f"the weights in {path} are not finite (nan or inf in {', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): the run diverged or the file is damaged; use an "
+                        f"earlier checkpoint of the run")
     model = build_model(ckpt["config"]["model"], ckpt["num_classes"])
     try:
         model.load_state_dict(ckpt["model"])

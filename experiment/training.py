@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from experiment.checkpoint import (CheckpointSaver, claim_run_dir, load_checkpoint, resume_command, rng_state,
                                    run_dir_of_checkpoint, set_rng_state)
 from experiment.complexity import count_parameters
-from experiment.config import check_train_config
+from experiment.config import check_train_config, escape_interpolations, literal_config
 from experiment.data import build_loaders, build_test_loader, load_dataset, report_skipped_images
 from experiment.distributed import World, all_gather_object, all_reduce_sum, local_main_first, unwrap, wrap_ddp
 from experiment.errors import UserError
@@ -99,7 +99,8 @@ def set_up(cfg, resume, world, device, run_dir):
     """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state."""
     if world.is_main:  # rank 0 alone writes the run directory; its tracker and checkpoint saver are idle elsewhere
         claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        # resolved, with any `${` a value holds escaped: OmegaConf.load gives back these values, runs nothing
+        OmegaConf.save(literal_config(OmegaConf.to_container(cfg, resolve=True)), run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
     tc = cfg.trainer
     channels_last = device.type == "cuda" and tc.channels_last
@@ -478,13 +479,14 @@ _IGNORED = ("resume", "hydra.")
 def resumed_config(cfg, stored, overrides):
     """`cfg`: this command line's config; `stored`: the checkpoint's `config`; `overrides`: Hydra's task
     overrides (strings like "trainer.epochs=40"). Returns the config to continue with."""
-    resumed = OmegaConf.create(stored)
+    resumed = literal_config(stored)  # stored strings are data, never interpolations
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(_IGNORED):
             continue
         if key.startswith("trainer.") and key != "trainer.epochs":
-            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+            OmegaConf.update(resumed, key, escape_interpolations(_plain(OmegaConf.select(cfg, key))),
+                             force_add=True)
             continue
         now, then = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(resumed, key))
         if now == then:
@@ -495,7 +497,7 @@ def resumed_config(cfg, stored, overrides):
         else:
             fix = "resume with only trainer.* overrides, or start a new run without resume="
         raise UserError(f"{override} differs from the run being resumed ({key} was {then}): {fix}")
-    resumed.resume = cfg.resume
+    resumed.resume = escape_interpolations(cfg.resume)
     return resumed
 
 

@@ -51,7 +51,7 @@ def test_two_processes_leave_exactly_one_run_directory(ddp_run):
     assert len(runs) == 1
     run = runs[0]
     assert sorted(p.name for p in run.iterdir() if p.is_file() and not p.name.startswith("events.")) == [
-        "config.yaml", "metrics.json", "train.log"]
+        ".alexnet-ac-run", "config.yaml", "metrics.json", "train.log"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes TensorBoard events
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     # ranks other than 0 got a scratch directory from experiment/checkpoint.py and wrote nothing into it

@@ -67,6 +67,34 @@ def test_bad_option_is_one_line_error(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --batch-sizes")
 
 
+@pytest.mark.parametrize("options, says", [
+    (["--layout", "imagenet", "--image-size", "8"], "--image-size 8 is too small for the imagenet layout"),
+    (["--image-size", "4"], "--image-size 4 is too small for the cifar layout"),
+    (["--image-size", "0"], "--image-size 0 must be >= 1"),
+    (["--width", "0"], "--width must be a finite number above 0"),
+    (["--width", "inf"], "--width must be a finite number above 0"),
+    (["--dropout", "nan"], "--dropout in [0, 1)"),
+    (["--classifier-width", "0"], "--classifier-width >= 1"),
+    (["--json", "{tmp}"], "it is a folder; pass a file name as --json="),
+    (["--json", "{tmp}/file/bench.json"], "file is a file, not a folder"),
+    (["--json", "{tmp}/file"], "would replace a file this tool did not write"),
+])
+def test_bad_options_are_one_line_before_anything_is_measured(tmp_path, capsys, monkeypatch, options, says):
+    (tmp_path / "file").write_text("mine\n")
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main([*TINY, *(o.format(tmp=tmp_path) for o in options)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
+def test_json_replaces_only_an_earlier_result(tiny_results, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(tiny_results))
+    assert bench.parse_args([*TINY, "--json", str(path)]).json == path
+
+
 def test_trained_ac_model_fuses_to_the_same_logits():
     """Sanity check (nets' tests prove fusion): after a few real training steps, so BN statistics are not trivial."""
     args = bench.parse_args([*TINY])

@@ -1,6 +1,7 @@
 """experiment/checkpoint.py: atomic writes, safe reads, one clear UserError for every unusable file; a run never
 writes into another run's directory and the printed resume command works; an output never replaces an input, by
 name or through a link."""
+import json
 import os
 import pickle
 import shlex
@@ -11,10 +12,12 @@ import sys
 import pytest
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from conftest import ROOT
 from experiment import checkpoint as ckpt_module
-from experiment.checkpoint import (CLAIM, TRAINING_KEYS, check_outputs, check_run_dir_free, claim_run_dir,
+from experiment.checkpoint import (CLAIM, RUN_MARKER, TRAINING_KEYS, CheckpointSaver, atomic_write, check_outputs,
+                                   check_run_dir_free, claim_run_dir, is_deploy_checkpoint, is_eval_report,
                                    load_checkpoint, release_run_dir, resume_command, rng_state,
                                    run_dir_of_checkpoint, save_checkpoint, set_rng_state)
 from experiment.errors import UserError
@@ -241,25 +244,40 @@ def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_pa
     assert not any(p.exists() for p in stale) and live.exists() and other.exists()
 
 
-def make_run(path):
-    (path / "checkpoints").mkdir(parents=True)
-    (path / "checkpoints" / "last.pt").write_bytes(b"x")
+def make_run(path, checkpoint=True):
+    """A run directory as train.py leaves one: its marker, a log, and (with `checkpoint`) checkpoints/last.pt."""
+    path.mkdir(parents=True)
+    (path / RUN_MARKER).write_text("made by train.py\n")
+    (path / "train.log").write_text("epoch 1/3 ...\n")
+    if checkpoint:
+        (path / "checkpoints").mkdir()
+        (path / "checkpoints" / "last.pt").write_bytes(b"x")
     return path
 
 
-def test_fresh_and_half_started_directories_are_free(tmp_path):
+def test_absent_and_empty_directories_are_free(tmp_path):
     check_run_dir_free(tmp_path / "new", None)
-    (tmp_path / "crashed").mkdir()
-    (tmp_path / "crashed" / "train.log").write_text("failed before training\n")
-    check_run_dir_free(tmp_path / "crashed", None)  # nothing there to lose
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / CLAIM).write_text("1 host\n")  # a claim is no content
+    check_run_dir_free(tmp_path / "empty", None)
 
 
-@pytest.mark.parametrize("marker", ["checkpoints", "metrics.json"])
-def test_a_new_run_never_takes_a_used_directory(tmp_path, marker):
-    (tmp_path / marker).mkdir() if marker == "checkpoints" else (tmp_path / marker).write_text("{}")
-    with pytest.raises(UserError, match=r"already holds a run; choose another hydra.run.dir, or continue that run "
-                                        r"with resume=.*checkpoints/last.pt"):
-        check_run_dir_free(tmp_path, None)
+@pytest.mark.parametrize("content, says", [
+    ("config.yaml", "is not empty and was not made by train.py; a new run starts only in an empty or new folder"),
+    ("checkpoints", "is not empty and was not made by train.py"),
+    ("train.log", "is not empty and was not made by train.py"),
+    ("run", r"already holds a run; choose another hydra.run.dir, or continue that run with resume=.*/last.pt"),
+    ("run without checkpoint", "already holds a run that saved no checkpoint"),
+])
+def test_a_new_run_takes_only_an_empty_directory(tmp_path, content, says):
+    folder = tmp_path / "folder"
+    if content.startswith("run"):
+        make_run(folder, checkpoint=content == "run")
+    else:
+        folder.mkdir()
+        (folder / content).mkdir() if content == "checkpoints" else (folder / content).write_text("mine\n")
+    with pytest.raises(UserError, match=says):
+        check_run_dir_free(folder, None)
 
 
 def test_resuming_may_write_only_into_its_own_run(tmp_path):
@@ -268,6 +286,61 @@ def test_resuming_may_write_only_into_its_own_run(tmp_path):
     check_run_dir_free(tmp_path / "fresh", str(mine / "checkpoints" / "last.pt"))
     with pytest.raises(UserError, match="already holds another run .*leave out hydra.run.dir"):
         check_run_dir_free(other, str(mine / "checkpoints" / "last.pt"))
+
+
+@pytest.mark.parametrize("layout", ["copied beside other files", "copied into a checkpoints folder"])
+def test_a_checkpoint_copied_out_of_its_run_does_not_resume_in_place(tmp_path, layout):
+    folder = tmp_path / "downloads"
+    last = folder / ("checkpoints/last.pt" if "checkpoints" in layout else "last.pt")
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    (folder / "notes.txt").write_text("mine\n")
+    says = f"{folder} is not a run directory train.py made .*pass hydra.run.dir=<a new folder>"
+    with pytest.raises(UserError, match=says):
+        check_run_dir_free(folder, str(last))
+    check_run_dir_free(tmp_path / "new", str(last))  # what the message advises
+
+
+def test_a_claim_marks_the_directory_and_a_refused_one_leaves_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = claim_run_dir(run_dir)
+    assert (run_dir / RUN_MARKER).is_file()
+    release_run_dir(lock)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "config.yaml").write_text("mine\n")
+    with pytest.raises(UserError, match="not made by train.py"):
+        claim_run_dir(tmp_path / "user")
+    assert sorted(p.name for p in (tmp_path / "user").iterdir()) == ["config.yaml"]
+
+
+def test_a_failed_first_save_leaves_no_checkpoints_folder(tmp_path):
+    def fail(f):
+        raise OSError(27, "File too large")
+    with pytest.raises(UserError, match="nothing was written"):
+        atomic_write(tmp_path / "run" / "checkpoints" / "last.pt", fail, what="checkpoint")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept" / "checkpoints").mkdir(parents=True)  # a folder that was there before stays
+    with pytest.raises(UserError):
+        atomic_write(tmp_path / "kept" / "checkpoints" / "last.pt", fail)
+    assert (tmp_path / "kept" / "checkpoints").is_dir()
+
+
+def test_a_failed_save_advises_resuming_only_from_a_checkpoint_that_exists(tmp_path, monkeypatch):
+    saver = CheckpointSaver(tmp_path / "checkpoints", save_every=1, epochs=3)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        with pytest.raises(UserError, match="start the run again with another hydra.run.dir") as first:
+            saver.save_epoch(1, True, make_state)
+    assert "resume=" not in str(first.value) and not (tmp_path / "checkpoints").exists()
+    saver.save_epoch(1, True, make_state)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        with pytest.raises(UserError, match=r"the previous .*last.pt is intact.*then resume with: python .*resume="):
+            saver.save_epoch(2, False, make_state)
 
 
 def test_run_dir_of_checkpoint(tmp_path):
@@ -288,10 +361,12 @@ def test_resume_command_names_train_py_under_a_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["/home/José/run,1/checkpoints/last.pt", "/tmp/it's [x]=y/a b/last.pt",
-                                  "/tmp/back\\slash\\'/last.pt", "/tmp/end\\"])
+                                  "/tmp/back\\slash\\'/last.pt", "/tmp/end\\", "/data ${HOME}/run/last.pt",
+                                  "/data\\${x}/last.pt"])
 def test_resume_command_survives_the_shell_and_hydra(path):
     _, override = shlex.split(resume_command(path))
-    assert OverridesParser.create().parse_override(override).value() == path
+    value = OverridesParser.create().parse_override(override).value()
+    assert OmegaConf.create({"resume": value}).resume == path  # what train.py's config then holds
 
 
 def test_a_second_claim_on_a_directory_in_use_is_refused(tmp_path):
@@ -313,6 +388,7 @@ def test_a_claim_left_by_a_killed_run_does_not_block(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     (tmp_path / CLAIM).write_text(f"{dead} {socket.gethostname()}\n")
+    (tmp_path / RUN_MARKER).write_text("made by train.py\n")  # the killed run's directory
     (tmp_path / "checkpoints").mkdir()
     stale_tmp = tmp_path / "checkpoints" / f".last.pt.{dead}.abcdefgh.tmp"
     stale_tmp.write_bytes(b"half a checkpoint")
@@ -400,3 +476,30 @@ def test_an_output_in_a_read_only_folder_is_refused(tmp_path):
         check_outputs([tmp_path / "ro" / "sub" / "x.json"], [])
 
 
+
+
+def test_an_existing_output_is_replaced_only_when_the_tool_wrote_it(tmp_path, ckpt):
+    out = tmp_path / "metrics.json"
+    out.write_text('{"best_acc1": 90.0}')
+    with pytest.raises(UserError, match="^out=.*metrics.json would replace a file this tool did not write"):
+        check_outputs([out], [ckpt], replaceable=is_eval_report)
+    out.write_text(json.dumps({"checkpoint": "x.pt", "acc1": 1.0, "acc5": 5.0, "num_samples": 3}))
+    assert check_outputs([out], [ckpt], replaceable=is_eval_report) == [out]
+
+
+def test_a_deploy_checkpoint_is_recognised(tmp_path):
+    training = save_checkpoint(make_state(), tmp_path / "last.pt")
+    deploy = save_checkpoint({"model": {"w": torch.zeros(1)}, "config": {}, "deploy": True}, tmp_path / "d.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert is_deploy_checkpoint(deploy)
+    assert not is_deploy_checkpoint(training) and not is_deploy_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="would replace a file this tool did not write"):
+        check_outputs([training], [deploy], replaceable=is_deploy_checkpoint)
+
+
+def test_resuming_a_checkpoint_from_a_folder_named_with_dollar_brace_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "a ${x}"
+    with pytest.raises(SystemExit) as exit:
+        ckpt_module._run_dir(str(folder / "checkpoints" / "last.pt"), "unused")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot use {folder} as the run directory (its name holds $")

@@ -1,10 +1,14 @@
 """experiment/config.py: every bad config value ends in one line naming the key; a stored config
 names code only from closed lists."""
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import ROOT
-from experiment.config import EVAL_RULES, FUSE_RULES, check_code_names, check_train_config, check_values
+from experiment.config import (EVAL_RULES, FUSE_RULES, check_code_names, check_train_config, check_values,
+                               literal_config)
 from experiment.errors import UserError
 
 
@@ -44,11 +48,20 @@ def test_torchvision_names_come_from_torchvision_builders_only(model, says):
     "seed=4611686018427387904", "optimizer.momentum=-1", "optimizer.momentum=1.5", "optimizer.nesterov=yes",
     "trainer.amp=maybe", "trainer.compile=1", "scheduler.warmup_epochs=-1", "scheduler.min_factor=2",
     "dataset.val_split=1", "dataset.val_split=-0.1",
+    # the third round: a traceback, or a silent mistake, further in
+    "dataset.mean=[0,0]", "dataset.mean=abc", "dataset.std=[0.3,0.3,0]", "dataset.std=[0.3,0.3,nan]",
+    "model.gamma_init=nan", "model.gamma_init=0", "model.gamma_init=abc",
+    "scheduler=multistep scheduler.milestones=abc", "scheduler=multistep scheduler.milestones=[-1]",
+    "scheduler=multistep scheduler.milestones=[0.5,2]",
+    "dataset=folder dataset.root=5", "dataset=cifar10 dataset.download=maybe", "dataset=fake dataset.num_classes=0",
+    "dataset=fake dataset.test_size=0", "model.width=inf", "model.width=0", "model.classifier_width=0",
+    "model.dropout=nan", "model.dropout=1", "trainer.compile_mode=fastest",
 ])
 def test_bad_train_values_name_the_key(override):
+    *group, override = override.split()
     key = override.lstrip("+").split("=")[0]
-    with pytest.raises(UserError, match=f"^{key}=.* is not valid: it must be "):
-        check_train_config(train_config(override))
+    with pytest.raises(UserError, match=f"^{re.escape(key)}=.* is not valid: it must be "):
+        check_train_config(train_config(*group, override))
 
 
 @pytest.mark.parametrize("cfg, key", [
@@ -88,3 +101,17 @@ def test_stored_config_without_a_section(section):
     stored = {k: v for k, v in STORED.items() if k != section}
     with pytest.raises(UserError, match=f"has no {section}"):
         check_code_names(stored)
+
+
+@pytest.mark.parametrize("value", ["${oc.env:PATH}", "/data/${run_dir:null,/tmp/x}", "a\\${b}", "a\\\\${b}",
+                                   "${", "$${x}", "${a}${b}", "plain\\", "no interpolation"])
+def test_a_literal_config_gives_back_its_strings_and_resolves_nothing(value):
+    cfg = literal_config({"dataset": {"root": value, "mean": [value, 0.5]}})
+    assert cfg.dataset.root == value and cfg.dataset.mean[0] == value
+    assert OmegaConf.to_container(cfg, resolve=True) == {"dataset": {"root": value, "mean": [value, 0.5]}}
+    assert OmegaConf.create(OmegaConf.to_yaml(cfg)).dataset.root == value  # config.yaml: read back the same
+
+
+def test_gamma_init_may_be_null():
+    check_train_config(train_config("model=alexnet"))  # gamma_init: null
+    check_train_config(train_config("model=alexnet_ac", "model.gamma_init=0.5"))

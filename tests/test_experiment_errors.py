@@ -28,6 +28,29 @@ def test_user_error_is_one_line_and_exit_2(capsys):
     assert err == "error: dataset root /x does not exist; set dataset.root\n" and out == ""
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 71880000000000 bytes."),
+    MemoryError(),
+])
+def test_host_out_of_memory_is_one_line(capsys, error):
+    def main():
+        raise error
+
+    assert run(main) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the machine ran out of memory (") and "dataset.image_size" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_any_other_runtime_error_is_not_taken_for_one():
+    def main():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run(main)
+
+
 def test_gpu_out_of_memory_suggests_a_smaller_batch(capsys):
     def main():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\n"

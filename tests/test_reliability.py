@@ -4,7 +4,9 @@ mistake ending in one `error: ...` line with a non-zero exit and no traceback. S
 command-line errors and the run directory Hydra creates go through real subprocesses (run_script,
 start_script); the rest runs the entry point's own `main`, error handling included, in this process
 (conftest.run_main)."""
+import json
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -238,6 +240,84 @@ def test_a_finished_run_is_refused_before_its_target_directory_is_looked_at(trai
     assert snapshot(run_dir) == before and snapshot(other) == before_other
 
 
+def test_a_new_run_never_writes_into_a_users_folder(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my own notes\n")
+    before = snapshot(folder)
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={folder}", check=False)
+    assert_one_error_line(proc, f"{folder} is not empty and was not made by train.py", "choose another hydra.run.dir")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+
+
+def test_a_checkpoint_copied_out_of_its_run_continues_only_in_a_new_folder(trained_runs, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    state = torch.load(trained_runs["alexnet"] / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["trainer"]["epochs"] = 4  # unfinished: one epoch to go
+    torch.save(state, folder / "last.pt")
+    (folder / "config.yaml").write_text("my own notes\n")
+    before = snapshot(folder)
+    proc = run_main("train.py", f"resume={folder / 'last.pt'}", check=False)
+    assert_one_error_line(proc, f"{folder} is not a run directory train.py made", "pass hydra.run.dir=<a new folder>")
+    assert snapshot(folder) == before
+
+    run_dir = tmp_path / "continued"
+    proc = run_main("train.py", f"resume={folder / 'last.pt'}", f"hydra.run.dir={run_dir}")
+    assert "resumed from" in proc.stdout and read_metrics(run_dir)["epochs"] == 4
+    assert snapshot(folder) == before
+
+
+def test_a_killed_runs_folder_is_refused_for_a_new_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_script("train.py", *INTERRUPTIBLE, f"hydra.run.dir={run_dir}")
+    try:  # killed in its first epoch, before any checkpoint: its log is all a new run could mix with
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "train.log").is_file() and "training steps" in (run_dir / "train.log").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the claim and the log stay
+        proc.communicate()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    unclaimed = lambda: {k: v for k, v in snapshot(run_dir).items() if k.name != ".run.lock"}  # noqa: E731
+    before = unclaimed()  # (the killed process's claim is stale: the next claim may clear it)
+    proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", check=False)
+    assert_one_error_line(proc, f"{run_dir} already holds a run that saved no checkpoint",
+                          "choose another hydra.run.dir")
+    assert unclaimed() == before
+
+
+def test_a_failed_first_save_leaves_a_folder_that_says_what_happened(tmp_path):
+    """A real file-size limit (ulimit -f): the log and the event file fit under it, the 1.6 MB checkpoint does not."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=ROOT, text=True, capture_output=True, env=script_env(), timeout=300,
+                          preexec_fn=limit_file_size)
+    line = assert_one_error_line(proc, f"could not write checkpoint {run_dir / 'checkpoints' / 'last.pt'}",
+                                 "nothing was written", "start the run again with another hydra.run.dir")
+    assert "resume=" not in line and not (run_dir / "checkpoints").exists() and temp_files(run_dir) == []
+
+
+@pytest.mark.parametrize("script", ["fuse.py", "eval.py"])
+def test_out_never_replaces_a_file_the_tool_did_not_write(trained_runs, tmp_path, script):
+    source, other = tmp_path / "source", tmp_path / "other"
+    shutil.copytree(trained_runs["alexnet_ac"], source)
+    shutil.copytree(trained_runs["alexnet"], other)
+    before = snapshot(other)
+    ckpt = source / "checkpoints" / "best.pt"
+    for target in (other / "checkpoints" / "last.pt", other / "metrics.json", other / "config.yaml"):
+        proc = run_main(script, f"ckpt={ckpt}", f"out={target}", check=False)
+        assert_one_error_line(proc, f"out={target} would replace a file this tool did not write")
+    assert snapshot(other) == before
+    out = tmp_path / ("deploy.pt" if script == "fuse.py" else "report.json")
+    for _ in range(2):  # its own earlier output is replaced
+        run_main(script, f"ckpt={ckpt}", f"out={out}")
+    assert out.is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint files that are not usable
 
@@ -278,7 +358,7 @@ EDITS = {
     "wider": lambda c: c["config"]["model"].update(width=0.25),
     # AC weights under the baseline's config (whose constructor has no gamma_init)
     "other-arch": lambda c: (c["config"]["model"].update(arch="AlexNet"), c["config"]["model"].pop("gamma_init")),
-    "more-classes": lambda c: c.update(num_classes=12),
+    "more-classes": lambda c: c.update(num_classes=12, classes=[str(i) for i in range(12)]),
 }
 
 
@@ -427,3 +507,161 @@ def test_unknown_config_keys_and_options(tmp_path, script, override, says):
     proc = run_script(script, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert_hydra_error(proc, *says)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A stored config is data: no interpolation in it is resolved, and its values pass the command line's checks.
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+def test_a_stored_interpolation_is_never_resolved(trained_runs, tmp_path, script, monkeypatch):
+    made = tmp_path / "made-by-a-resolver"
+    monkeypatch.setenv("A_SECRET_FOR_THIS_TEST", "hunter2")
+
+    def edit(c):  # a stranger's checkpoint: a cifar10 root whose resolver would make a folder
+        c["config"]["dataset"] = {**c["config"]["dataset"], "name": "cifar10", "download": True,
+                                  "root": f"${{run_dir:null,{made}}}"}
+    proc = run_main(script, f"ckpt={edited_checkpoint(trained_runs, tmp_path, edit)}", check=False)
+    assert_one_error_line(proc, "cifar10 not found or corrupted in ${run_dir:null,")
+    assert not made.exists()
+
+    leak = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update(
+        image_size="${oc.env:A_SECRET_FOR_THIS_TEST}"))
+    proc = run_main(script, f"ckpt={leak}", check=False)
+    assert_one_error_line(proc, "dataset.image_size='${oc.env:A_SECRET_FOR_THIS_TEST}' stored in")
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+@pytest.mark.parametrize("key, value, says", [
+    ("eval_batch_size", -5, "dataset.eval_batch_size=-5 stored in"),
+    ("mean", "abc", "dataset.mean='abc' stored in"),
+    ("std", [0.3, 0.0, 0.3], "dataset.std=[0.3, 0.0, 0.3] stored in"),
+])
+def test_stored_dataset_values_pass_the_command_lines_checks(trained_runs, tmp_path, script, key, value, says):
+    path = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update({key: value}))
+    proc = run_main(script, f"ckpt={path}", check=False)
+    assert_one_error_line(proc, says, "is not valid", "the file was edited or written by other code")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]
+
+
+def test_a_dataset_root_holding_dollar_brace_round_trips_through_eval_fuse_and_resume(tmp_path):
+    root = png_tree(tmp_path / "data ${HOME}")  # a real folder name; escaped on the command line as \${
+    run_dir = tmp_path / "run"
+    escaped = str(root).replace("${", "\\${")
+    run_main("train.py", *TINY, *FOLDER, f"dataset.root='{escaped}'", f"hydra.run.dir={run_dir}")
+    last = run_dir / "checkpoints" / "last.pt"
+    assert torch.load(last, weights_only=True)["config"]["dataset"]["root"] == str(root)
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(run_dir / "config.yaml").dataset.root == str(root)  # config.yaml: data as well
+
+    report = run_dir / "best.eval.json"
+    run_main("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"out={report}")
+    assert json.loads(report.read_text())["num_samples"] == 12
+    moved = tmp_path / "moved ${USER}"  # the data moved to another such folder: named on eval.py's command line
+    root.rename(moved)
+    escaped_moved = str(moved).replace("${", "\\${")
+    run_main("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"dataset.root='{escaped_moved}'",
+             f"out={report}")
+    assert json.loads(report.read_text())["num_samples"] == 12
+    moved.rename(root)
+    run_main("fuse.py", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}")
+    assert (run_dir / "checkpoints" / "best_deploy.pt").is_file()
+
+    state = torch.load(last, weights_only=True)
+    state["config"]["trainer"]["epochs"] = 2  # one more epoch to resume into
+    torch.save(state, last)
+    proc = run_main("train.py", f"resume={last}")
+    assert "resumed from" in proc.stdout and read_metrics(run_dir)["epochs"] == 2
+    assert torch.load(last, weights_only=True)["config"]["dataset"]["root"] == str(root)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models are what they claim
+
+def poisoned(c):  # a diverged run's weights: one nan in the first conv
+    name = next(k for k, v in c["model"].items() if v.is_floating_point())
+    c["model"][name].view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+def test_weights_that_are_not_finite_are_refused(trained_runs, tmp_path, script):
+    path = edited_checkpoint(trained_runs, tmp_path, poisoned)
+    proc = run_main(script, f"ckpt={path}", check=False)
+    line = assert_one_error_line(proc, f"the weights in {path} are not finite (nan or inf in ")
+    assert "NOT exact" not in proc.stdout + line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]  # no report with a bare NaN in it
+
+
+def test_outputs_that_are_not_finite_are_refused(trained_runs, tmp_path):
+    def overflow(c):  # finite weights whose logits overflow float32
+        last = [k for k in c["model"] if k.endswith("weight")][-1]
+        c["model"][last] *= 1e38
+    path = edited_checkpoint(trained_runs, tmp_path, overflow)
+    proc = run_main("eval.py", f"ckpt={path}", check=False)
+    assert_one_error_line(proc, f"the model in {path} gives non-finite outputs", "digits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pt"]
+
+
+def test_compare_refuses_a_checkpoint_of_another_dataset_with_as_many_classes(trained_runs, tmp_path):
+    other = edited_checkpoint(trained_runs, tmp_path, lambda c: c["config"]["dataset"].update(name="fake"))
+    best = trained_runs["alexnet_ac"] / "checkpoints" / "best.pt"
+    proc = run_main("eval.py", f"ckpt={best}", f"compare={other}", f"out={tmp_path / 'r.json'}", check=False)
+    assert_one_error_line(proc, f"{other} was trained on dataset fake, {best} on digits",
+                          "compare checkpoints of the same task")
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["scheduler=multistep", "scheduler.milestones=abc"], "scheduler.milestones='abc' is not valid"),
+    (["scheduler=multistep", "scheduler.milestones=[-1]"], "scheduler.milestones=[-1] is not valid"),
+    (["dataset.mean=[0,0]"], "dataset.mean=[0, 0] is not valid: it must be a list of 3 finite numbers"),
+    (["model.gamma_init=nan"], "model.gamma_init=nan is not valid"),
+])
+def test_more_bad_config_values_are_one_line_before_any_work(tmp_path, overrides, says):
+    proc = run_main("train.py", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert_one_error_line(proc, says)
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
+@pytest.mark.parametrize("where", ["outputs-a-file", "sweep-dir-under-a-file"])
+def test_a_sweep_whose_directory_cannot_be_made_is_one_line(tmp_path, where):
+    (tmp_path / "outputs").write_text("x")
+    option = [] if where == "outputs-a-file" else [f"hydra.sweep.dir={tmp_path / 'outputs' / 'sweep'}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, "seed=0,1", *option], cwd=tmp_path,
+                          text=True, capture_output=True, env=script_env(), timeout=300)
+    assert_one_error_line(proc, "as the sweep directory", "outputs is a file, not a folder",
+                          "pass a writable hydra.sweep.dir")
+    assert (tmp_path / "outputs").read_text() == "x"
+
+
+@pytest.mark.parametrize("option", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_a_run_directory_named_with_dollar_brace_is_one_line(tmp_path, option):
+    # Hydra resolves its run directory's name again, so a `${` there fails even escaped (a dataset root may hold one)
+    folder = tmp_path / "runs ${x}"
+    sweep = ["-m", "seed=0,1"] if option == "hydra.sweep.dir" else []
+    escaped = str(folder).replace("${", "\\${")  # as the command line takes a literal `${`
+    proc = run_script("train.py", *sweep, *TINY, f"{option}={escaped}", check=False)
+    assert_one_error_line(proc, f"cannot use {folder} as the", "its name holds ${")
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("script, override, key", [
+    ("train.py", "trainer.epochs=${nope}", "trainer.epochs"),
+    ("eval.py", "ckpt=${oc.env:AN_UNSET_VARIABLE_OF_THIS_TEST}", "ckpt"),
+])
+def test_an_interpolation_that_does_not_resolve_is_one_line(tmp_path, script, override, key):
+    proc = run_main(script, *(TINY if script == "train.py" else []), override, f"hydra.run.dir={tmp_path / 'run'}",
+                    check=False)
+    assert_one_error_line(proc, f"{key}: its interpolation does not resolve", "write a literal ${ as \\${")
+
+
+@pytest.mark.parametrize("script", ["eval.py", "fuse.py"])
+@pytest.mark.parametrize("edit, says", [
+    ({"num_classes": -1}, "has num_classes=-1"), ({"num_classes": 0}, "has num_classes=0"),
+    ({"classes": 7}, "has num_classes=10 and classes that do not match"),
+    ({"classes": ["a", "b"]}, "has num_classes=10 and classes that do not match"),
+    ({"deploy": "yes"}, "has deploy='yes', not true or false"),
+], ids=["negative-classes", "no-classes", "classes-a-number", "fewer-class-names", "deploy-a-string"])
+def test_a_checkpoint_whose_entries_disagree_is_one_line(trained_runs, tmp_path, script, edit, says):
+    path = edited_checkpoint(trained_runs, tmp_path, lambda c: c.update(edit))
+    assert_one_error_line(run_main(script, f"ckpt={path}", check=False), f"{path} {says}")

@@ -16,6 +16,7 @@ becomes a UserError that says what to do.
 import copy
 import logging
 import os
+import signal
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -319,6 +320,15 @@ class _ShardedLoader:
         self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
 
+    def close(self):
+        """Release what the loader holds beyond memory (DataLoader workers); the device loaders hold nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __len__(self):
         if self.train:
             return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
@@ -400,6 +410,7 @@ class FolderLoader(_ShardedLoader):
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
             generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
 
     def epoch(self, epoch, start_step=0):
@@ -407,6 +418,22 @@ class FolderLoader(_ShardedLoader):
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
             yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device, non_blocking=True)
+
+    def close(self):
+        """End the workers now. Persistent workers otherwise live as long as the process: a Hydra sweep runs
+        its jobs in one process, so every job would leave its workers behind (and their iterators, whose
+        finalisers then fail in the next job's forked workers with `can only test a child process`)."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def _leave_stop_signals_to_the_main_process(worker_id):
+    """Ctrl-C, `timeout`, `scancel` and container stops signal the whole process group, workers included. A
+    worker killed by one takes the batch it was preparing with it, and the main process could only fail; so
+    workers ignore SIGINT and SIGTERM, the main process finishes its step, saves, and closes the loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_last=False):

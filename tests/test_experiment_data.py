@@ -27,9 +27,13 @@ def image_tree(root, train=("cat", "dog"), val=("cat", "dog"), per_class=2):
 
 
 def folder_cfg(root, **extra):
+    """The folder dataset streamed (cache off) unless `extra` says otherwise: the decoded path has its own tests."""
     cfg = OmegaConf.load(ROOT / "configs/dataset/folder.yaml")
-    cfg.root, cfg.image_size, cfg.num_workers = str(root), 16, 0
+    cfg.root, cfg.image_size, cfg.num_workers, cfg.cache = str(root), 16, 0, "off"
     return OmegaConf.merge(cfg, extra)
+
+
+CACHED = {"cache": "auto"}
 
 
 def test_good_tree_loads(tmp_path, caplog):

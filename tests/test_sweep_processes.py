@@ -7,22 +7,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, TINY, script_env
+from test_train import write_image_tree
 
 PROBE = ["+hydra.callbacks.probe._target_=sweep_probe.ChildProcesses"]
 
 
-def image_folder(root, classes=("cat", "dog", "fox"), per_class=8, size=36):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+def image_folder(root, per_class=8):
+    write_image_tree(root, per_class=per_class)
     return root
 
 

@@ -324,6 +324,8 @@ def dataset_config(stored, overrides, config_dir=None):
         cfg = _dataset_file(Path(config_dir or DATASET_CONFIGS), name)
     if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
         cfg.download = False
+    if "cache_dir" in cfg:  # nor where a decoded-image cache is written: this machine's default place is
+        cfg.cache_dir = None
     return OmegaConf.merge(cfg, {k: v for k, v in overrides.items() if v is not None and k != "name"})
 
 

@@ -221,8 +221,6 @@ def _decode_folder(cfg, splits):
                      split.root, max_gb)
             return None
         _check_unreadable(d.unreadable, len(d) + len(d.unreadable), split.root, cfg.skip_bad_images)
-        if d.unreadable:
-            d.skipped = d.unreadable
         decoded.append(d)
     return decoded
 

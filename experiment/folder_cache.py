@@ -48,6 +48,10 @@ class DecodedSplit:
         return len(self.labels)
 
     @property
+    def skipped(self):  # report_skipped_images' name; with unreadable images the split exists only when skipping
+        return self.unreadable
+
+    @property
     def targets(self):
         return self.labels.tolist()
 

@@ -159,10 +159,13 @@ def test_the_decode_finds_unreadable_images(tmp_path, caplog):
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(UserError, match=rf"cannot read image {bad} \(1 unreadable in .*train\).*skip_bad_images=true"):
         load_dataset(cached_cfg(root, tmp_path / "cache"))
-    data = load_dataset(cached_cfg(root, tmp_path / "cache", skip_bad_images=True))  # the cache knows it too
-    assert len(data.train) == 17
-    report_skipped_images(data)
-    assert f"left out 1 unreadable image(s) of the train split (dataset.skip_bad_images=true), e.g. {bad}" in caplog.text
+    for val_split in (0, 0.2):  # the cache knows it too; so does a training split with images held out of it
+        caplog.clear()
+        data = load_dataset(cached_cfg(root, tmp_path / "cache", skip_bad_images=True, val_split=val_split))
+        assert len(data.train) + (len(data.val) if data.has_val else 0) == 17
+        report_skipped_images(data)
+        assert f"left out 1 unreadable image(s) of the train split (dataset.skip_bad_images=true), e.g. {bad}" \
+            in caplog.text
 
 
 def test_a_validation_split_is_held_out_of_the_decoded_training_images(tmp_path):

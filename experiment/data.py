@@ -2,10 +2,13 @@
 
 Small data sets (CIFAR, digits) are loaded as uint8 tensors and kept on the training device: `DeviceLoader`
 augments whole batches there (random crop with padding, horizontal flip, normalisation), with no per-sample
-Python work and no host-device copy per step. Large ImageNet-style folders are ImageFolders that
-`FolderLoader` streams through DataLoader workers. Both loaders draw an epoch's data order and augmentation
-from a generator seeded by (seed, epoch), so an epoch can be replayed from any step: that is what makes a
-resumed run, even one interrupted mid-epoch, match an uninterrupted one.
+Python work and no host-device copy per step. An ImageNet-style folder that fits in memory is decoded once
+(experiment/folder_cache.py) and served the same way by `ResizedCropLoader`, with torchvision's
+RandomResizedCrop + flip computed on the device; larger ones are ImageFolders that `FolderLoader` streams
+through DataLoader workers, which end when the loader is closed (the run closes every loader it made). All
+loaders draw an epoch's data order and augmentation from a generator seeded by (seed, epoch), so an epoch can
+be replayed from any step: that is what makes a resumed run, even one interrupted mid-epoch, match an
+uninterrupted one.
 
 Under DistributedDataParallel the configured batch size is the global one: every step takes the same
 global batch as a single process would, and rank r gets its r-th slice.
@@ -33,6 +36,7 @@ from experiment.errors import UserError, choose
 
 log = logging.getLogger(__name__)
 DATASET_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"  # eval/fuse dataset.name=<another>
+
 
 @dataclass
 class TensorData:

@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import urllib.error
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +276,7 @@ def _check_no_folder_read_twice(folder):
 
 
 def _drop_unreadable(split, skip):
+    from experiment.folder_cache import map_in_threads
     from experiment.image_folder import UnreadableImage, read_rgb
 
     def readable(path):
@@ -286,8 +286,7 @@ def _drop_unreadable(split, skip):
         except UnreadableImage:
             return False
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        ok = list(pool.map(readable, [p for p, _ in split.samples]))
+    ok = map_in_threads(readable, [p for p, _ in split.samples])
     bad = [p for (p, _), good in zip(split.samples, ok) if not good]
     _check_unreadable(bad, len(split.samples), split.root, skip)
     if bad:

@@ -92,8 +92,7 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes):
         return cached
     if len(samples) * 3 * image_size ** 2 > max_bytes:  # too large even at the crop size: spare the header pass
         return None
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        sizes = list(pool.map(_original_size, [p for p, _ in samples]))
+    sizes = map_in_threads(_original_size, [p for p, _ in samples])
     readable = [s for s in sizes if s is not None]
     shape = _stored_shape(readable, image_size)
     if len(readable) * 3 * shape[0] * shape[1] > max_bytes:
@@ -101,6 +100,12 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes):
     split = _decode(samples, sizes, shape, root)
     _save(path, split, key)
     return split
+
+
+def map_in_threads(fn, items):
+    """[fn(item) for item in items] on up to 16 threads: PIL releases the GIL while it decodes and resizes."""
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
 
 
 def _original_size(path):
@@ -123,7 +128,7 @@ def _stored_shape(sizes, image_size):
 
 
 def _decode(samples, sizes, shape, root):
-    """Decode every image (threads: PIL releases the GIL while it decodes and resizes) into one array."""
+    """Decode every image, in threads, into one array."""
     from PIL import Image
 
     height, width = shape
@@ -142,8 +147,7 @@ def _decode(samples, sizes, shape, root):
         pixels[i] = np.asarray(im)
         ok[i] = True
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        list(pool.map(decode, range(len(samples))))
+    map_in_threads(decode, range(len(samples)))
     keep = torch.tensor(ok, dtype=torch.bool)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2)[keep].contiguous()
     original = torch.tensor([s if s else (0, 0) for s in sizes], dtype=torch.int64).view(-1, 2)[keep]

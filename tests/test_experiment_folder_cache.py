@@ -290,3 +290,4 @@ def test_a_run_on_a_decoded_folder_resumes_exactly(tmp_path):
     b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # three runs, one decode
+

@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import urllib.error
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -576,6 +577,8 @@ class FolderLoader(_ShardedLoader):
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
             worker_init_fn=_leave_stop_signals_to_the_main_process,
             generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
+        # weakref.finalize registers its exit hook after multiprocessing's, so it runs first (atexit is LIFO)
+        self._end_workers = weakref.finalize(self, _end_workers, self.loader)
 
     def epoch(self, epoch, start_step=0):
         from experiment.image_folder import UnreadableImage
@@ -595,15 +598,29 @@ class FolderLoader(_ShardedLoader):
         """End the workers now. Persistent workers otherwise live as long as the process: a Hydra sweep runs
         its jobs in one process, so every job would leave its workers behind (and their iterators, whose
         finalisers then fail in the next job's forked workers with `can only test a child process`)."""
-        iterator, self.loader._iterator = self.loader._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        self._end_workers()
+
+
+def _end_workers(loader):
+    """Shut a DataLoader's persistent workers down: by the loader's own protocol, then SIGKILL for any that did
+    not stop (they ignore SIGTERM, see below). Also run when the FolderLoader is collected or at the latest when
+    the interpreter exits, before multiprocessing's own exit hook, whose SIGTERM the workers would ignore while
+    it waited for them."""
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _leave_stop_signals_to_the_main_process(worker_id):
     """Ctrl-C, `timeout`, `scancel` and container stops signal the whole process group, workers included. A
     worker killed by one takes the batch it was preparing with it, and the main process could only fail; so
-    workers ignore SIGINT and SIGTERM, the main process finishes its step, saves, and closes the loader."""
+    workers ignore SIGINT and SIGTERM, the main process finishes its step, saves, and closes the loader. A main
+    process killed outright leaves nothing behind either: workers exit when their parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -77,3 +77,39 @@ def test_a_signal_to_the_process_group_stops_the_whole_sweep(tmp_path, sig):
         time.sleep(0.1)
     else:
         pytest.fail("processes of the sweep's group outlived it")
+
+
+@pytest.mark.parametrize("failure, says", [
+    (["dataset.image_size=8"], "too small"),  # refused after set-up started the loaders' workers
+    (["optimizer.lr=1e12"], "non-finite"),  # a UserError from the middle of the epoch loop
+])
+def test_a_run_that_fails_ends_its_workers_too(tmp_path, failure, says):
+    from conftest import run_main
+    from experiment.sweep_bench import child_processes
+
+    before = child_processes()
+    root = image_folder(tmp_path / "data")
+    proc = run_main("train.py", *TINY, *streamed(root), "trainer.epochs=2", *failure,
+                    f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert child_processes() == before
+
+
+UNCLOSED = """
+import sys
+from omegaconf import OmegaConf
+from experiment.data import build_test_loader, load_dataset
+cfg = OmegaConf.load("configs/dataset/folder.yaml")
+cfg.root, cfg.image_size, cfg.num_workers, cfg.cache, cfg.eval_batch_size = sys.argv[1], 32, 2, "off", 5
+loader = build_test_loader(load_dataset(cfg, train=False), cfg, device="cpu")
+print(sum(len(y) for _, y in loader.epoch(0)))
+"""
+
+
+def test_a_process_exits_even_with_a_loader_left_open(tmp_path):
+    """Workers ignore SIGTERM, which is what multiprocessing's exit hook sends them before it waits for them: a
+    loader nobody closed (eval.py and fuse.py leave theirs to the end of the process) must still let it exit."""
+    root = image_folder(tmp_path / "data", per_class=4)
+    proc = subprocess.run([sys.executable, "-c", UNCLOSED, str(root)], cwd=ROOT, text=True, capture_output=True,
+                          env=script_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "12", proc.stderr[-2000:]

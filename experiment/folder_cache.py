@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,8 +86,10 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes):
     """`samples` ((path, label) pairs, an ImageFolder's) decoded, from the cache in `cache_dir` when it holds
     them, else decoded now and cached there; None when the decoded split would exceed `max_bytes`."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    # <which split, at which size>-<its files>.pt: a new version of a split's files replaces its old cache file
+    split_id = hashlib.sha256(json.dumps([os.path.abspath(root), image_size]).encode()).hexdigest()[:16]
     key = cache_key(samples, image_size)
-    path = cache_dir / f"{key}.pt"
+    path = cache_dir / f"{split_id}-{key}.pt"
     cached = _load(path, root, len(samples))
     if cached is not None:
         return cached
@@ -98,7 +101,8 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes):
     if len(readable) * 3 * shape[0] * shape[1] > max_bytes:
         return None
     split = _decode(samples, sizes, shape, root)
-    _save(path, split, key)
+    if _save(path, split, key):
+        _remove_older_versions(path, split_id)
     return split
 
 
@@ -169,11 +173,21 @@ def _save(path, split, key):
                         "labels": split.labels, "unreadable": split.unreadable}, f)
         os.replace(tmp, path)
         log.info("decoded %d images of %s into the cache %s", len(split), split.root, path)
+        return True
     except OSError as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         log.warning("could not write the decoded-image cache %s (%s); training goes on without it, decoding "
                     "again next time (set dataset.cache_dir to a writable folder)", path, e.strerror or e)
+        return False
+
+
+def _remove_older_versions(path, split_id):
+    """Delete this split's caches of earlier versions of its files (names this module made: 16 hex digits, a
+    dash, 64 hex digits), so that a folder edited between runs does not fill the disk with stale copies."""
+    for old in path.parent.glob(f"{split_id}-*.pt"):
+        if old != path and re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{64}\.pt", old.name):
+            old.unlink(missing_ok=True)
 
 
 def _load(path, root, num_samples):
@@ -186,7 +200,7 @@ def _load(path, root, num_samples):
         images, sizes, labels, unreadable = (stored["images"], stored["sizes"], stored["labels"],
                                              stored["unreadable"])
         n = len(labels)
-        if not (stored["format"] == FORMAT and stored["key"] == path.stem and images.dtype == torch.uint8
+        if not (stored["format"] == FORMAT and stored["key"] == path.stem.split("-")[-1] and images.dtype == torch.uint8
                 and images.dim() == 4 and images.shape[:2] == (n, 3) and sizes.shape == (n, 2)
                 and labels.dtype == torch.int64 and n + len(unreadable) == num_samples
                 and all(isinstance(p, str) for p in unreadable)):

@@ -80,9 +80,14 @@ def test_a_changed_added_or_removed_file_rebuilds_the_cache(tmp_path, decodes, c
         Image.fromarray(np.zeros((36, 36, 3), np.uint8)).save(root / "train" / "dog" / "new.png")
     else:
         target.unlink()
+    before = sorted((tmp_path / "cache").glob("*.pt"))
+    (tmp_path / "cache" / "notes.pt").write_text("a file of the user's, which no cleaning may touch")
     data = load_dataset(cached_cfg(root, tmp_path / "cache"))
     assert decodes[0] == 36 + len(data.train)  # the train split again, the unchanged val split from its cache
     assert len(data.train) == {"edit": 18, "add": 19, "remove": 17}[change]
+    after = sorted((tmp_path / "cache").glob("*-*.pt"))
+    assert len(after) == 2 and len(set(after) & set(before)) == 1  # the train split's old version is gone
+    assert (tmp_path / "cache" / "notes.pt").is_file()
     if change == "edit":
         assert data.train.images[7].sum() == 0
 

@@ -5,8 +5,8 @@ DataLoader workers, spends more time decoding than training. A folder split that
 is decoded once, in parallel, into (N, 3, h, w) uint8, written to a cache file outside the dataset folder and
 reused by every later job, process and rank. The file's name is a hash of the split's file list with each
 file's size and modification time, plus the training resolution: a changed, added or removed image, or another
-`dataset.image_size`, makes another name, so a stale cache is never read. The decode pass also finds the
-unreadable images, so no separate verification scan is needed.
+`dataset.image_size`, makes another name, so a stale cache is never read (and the new file replaces the
+split's old one). The decode pass also finds the unreadable images, so no separate verification scan is needed.
 
 The stored size keeps the promised augmentation computable. Images that all share one size are stored as they
 are, unless they are larger than the training crops can use. Otherwise each is resized to a fixed square side

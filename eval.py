@@ -57,14 +57,16 @@ def main(cfg):
     precise = exact_float32 if cfg.compare else contextlib.nullcontext
     with precise():
         result = run(ckpt, cfg.ckpt, cfg.amp and not cfg.compare)
-    per_class = result["confusion"].diag().double() / result["confusion"].sum(1).clamp(min=1)
+    counts = result["confusion"].sum(1)  # a class can be left with no test image (dataset.skip_bad_images)
+    per_class = [100 * hit / n if n else None for hit, n in zip(result["confusion"].diag().tolist(), counts.tolist())]
     report = {"checkpoint": str(cfg.ckpt), "model": ckpt["config"]["model"]["name"], "dataset": data_cfg.name,
               "acc1": result["acc1"], "acc5": result["acc5"], "loss": result["loss"],
               "num_samples": result["num_samples"], "img_per_s": result["num_samples"] / result["seconds"],
-              "per_class_acc1": {c: 100 * a for c, a in zip(classes, per_class.tolist())}}
+              "per_class_acc1": dict(zip(classes, per_class))}  # null: no images of that class
     log.info("%s on %s: top-1 %.2f%%, top-5 %.2f%%, loss %.4f, %d images, %.0f img/s", report["model"],
              data_cfg.name, report["acc1"], report["acc5"], report["loss"], report["num_samples"], report["img_per_s"])
-    log.info("per-class top-1: %s", "  ".join(f"{c} {a:.1f}" for c, a in report["per_class_acc1"].items()))
+    log.info("per-class top-1: %s", "  ".join(f"{c} {'no images' if a is None else f'{a:.1f}'}"
+                                              for c, a in report["per_class_acc1"].items()))
 
     if other:
         with precise():

@@ -2,10 +2,13 @@
 
 Small data sets (CIFAR, digits) are loaded as uint8 tensors and kept on the training device: `DeviceLoader`
 augments whole batches there (random crop with padding, horizontal flip, normalisation), with no per-sample
-Python work and no host-device copy per step. Large ImageNet-style folders are ImageFolders that
-`FolderLoader` streams through DataLoader workers. Both loaders draw an epoch's data order and augmentation
-from a generator seeded by (seed, epoch), so an epoch can be replayed from any step: that is what makes a
-resumed run, even one interrupted mid-epoch, match an uninterrupted one.
+Python work and no host-device copy per step. An ImageNet-style folder that fits in memory is decoded once
+(experiment/folder_cache.py) and served the same way by `ResizedCropLoader`, with torchvision's
+RandomResizedCrop + flip computed on the device; larger ones are ImageFolders that `FolderLoader` streams
+through DataLoader workers, which end when the loader is closed (the run closes every loader it made). All
+loaders draw an epoch's data order and augmentation from a generator seeded by (seed, epoch), so an epoch can
+be replayed from any step: that is what makes a resumed run, even one interrupted mid-epoch, match an
+uninterrupted one.
 
 Under DistributedDataParallel the configured batch size is the global one: every step takes the same
 global batch as a single process would, and rank r gets its r-th slice.
@@ -15,9 +18,11 @@ becomes a UserError that says what to do.
 """
 import copy
 import logging
+import math
 import os
+import signal
 import urllib.error
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +36,6 @@ from experiment.errors import UserError, choose
 
 log = logging.getLogger(__name__)
 DATASET_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"  # eval/fuse dataset.name=<another>
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -64,6 +67,11 @@ class FolderData:
     @property
     def has_val(self):
         return self.val is not None
+
+
+class DecodedFolder(FolderData):
+    """An ImageNet-style folder decoded into memory (experiment/folder_cache.py: its splits are DecodedSplits),
+    served from the training device with RandomResizedCrop-style augmentation computed there."""
 
 
 def load_dataset(cfg, train=True):
@@ -102,6 +110,8 @@ def _hold_out(data, fraction):
         return TensorData(data.train_images[train], data.train_labels[train], data.test_images, data.test_labels,
                           data.classes, val_images=data.train_images[val], val_labels=data.train_labels[val])
     train_idx, val_idx = holdout_split(data.train.targets, fraction)
+    if isinstance(data, DecodedFolder):
+        return DecodedFolder(data.train.subset(train_idx), data.test, data.classes, val=data.train.subset(val_idx))
     train, val = data.train, copy.copy(data.train)  # one ImageFolder listing, two views of it
     samples = train.samples
     train.samples = [samples[i] for i in train_idx.tolist()]
@@ -168,21 +178,55 @@ def _load_fake(cfg, train=True):
 
 
 def _load_folder(cfg, train=True):
-    from torchvision import datasets, transforms
+    from torchvision import transforms
+
+    from experiment.image_folder import ImageFolder
 
     root = Path(cfg.root).expanduser()
     classes = check_folder_layout(root, ("train", "val") if train else ("val",))
     size = cfg.image_size
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.PILToTensor()])
-    test_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
-                                  transforms.PILToTensor()])
-    splits = [datasets.ImageFolder(root / "train", transform=train_tf) if train else None,
-              datasets.ImageFolder(root / "val", transform=test_tf)]
+    splits = [ImageFolder(root / "train") if train else None, ImageFolder(root / "val")]
+    decoded = _decode_folder(cfg, splits)
+    if decoded:
+        return DecodedFolder(*decoded, classes)
+    splits[-1].transform = transforms.Compose([transforms.Resize(round(size * 256 / 224)),
+                                               transforms.CenterCrop(size), transforms.PILToTensor()])
+    if train:
+        splits[0].transform = transforms.Compose([transforms.RandomResizedCrop(size),
+                                                  transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     if cfg.verify_images:
         for split in filter(None, splits):
             _drop_unreadable(split, skip=cfg.skip_bad_images)
     return FolderData(*splits, classes)
+
+
+def _decode_folder(cfg, splits):
+    """[train, test] decoded (experiment/folder_cache.py) when dataset.cache allows and every split fits
+    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers."""
+    from experiment import folder_cache
+
+    mode = cfg.get("cache", "auto")  # configs stored before the cache existed have no such key
+    choose({"auto": 0, "off": 0}, mode, "dataset.cache", f"dataset.cache={mode} is not valid; choose auto (decode "
+           f"the folder once into a cache when it fits dataset.cache_max_gb) or off (stream it through workers)")
+    if mode == "off":
+        return None
+    max_gb = cfg.get("cache_max_gb", 8.0)
+    if not isinstance(max_gb, (int, float)) or isinstance(max_gb, bool) or not max_gb >= 0:
+        raise UserError(f"dataset.cache_max_gb={max_gb} is not valid: it must be a number of gigabytes >= 0 "
+                        f"(0 turns the cache off, as dataset.cache=off does)")
+    decoded = []
+    for split in splits:
+        if split is None:
+            decoded.append(None)
+            continue
+        d = folder_cache.decoded_split(split.samples, split.root, cfg.image_size, cfg.get("cache_dir"), max_gb * 1e9)
+        if d is None:
+            log.info("%s does not fit dataset.cache_max_gb=%s decoded: streaming it through DataLoader workers",
+                     split.root, max_gb)
+            return None
+        _check_unreadable(d.unreadable, len(d) + len(d.unreadable), split.root, cfg.skip_bad_images)
+        decoded.append(d)
+    return decoded
 
 
 # dataset.name -> loader(dataset config, whether the training split is needed); the small datasets load both
@@ -193,6 +237,8 @@ DATASETS = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_dig
 
 def check_folder_layout(root, splits=("train", "val")):
     """Validate root/train/<class>/* and root/val/<class>/* before any training; return the class names."""
+    from experiment.image_folder import IMAGE_EXTENSIONS, class_names, is_image
+
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; set dataset.root to a folder holding train/ and val/")
     found = {}
@@ -202,11 +248,11 @@ def check_folder_layout(root, splits=("train", "val")):
             raise UserError(f"{folder} is missing; dataset=folder expects {root}/train/<class>/*.jpg and "
                             f"{root}/val/<class>/*.jpg")
         _check_no_folder_read_twice(folder)
-        classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+        classes = class_names(folder)
         if not classes:
             raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
         for c in classes:
-            if not any(f.name.lower().endswith(IMAGE_EXTENSIONS) for f in os.scandir(folder / c) if f.is_file()):
+            if not any(is_image(f.name) for f in os.scandir(folder / c) if f.is_file()):
                 raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                 f"add images or remove the folder")
         found[split] = classes
@@ -231,30 +277,34 @@ def _check_no_folder_read_twice(folder):
 
 
 def _drop_unreadable(split, skip):
-    from PIL import Image
+    from experiment.folder_cache import map_in_threads
+    from experiment.image_folder import UnreadableImage, read_rgb
 
     def readable(path):
         try:
-            with Image.open(path) as im:
-                im.convert("RGB")  # decodes the whole image: truncated files fail here, not mid-epoch
+            read_rgb(path)  # decodes the whole image: truncated files fail here, not mid-epoch
             return True
-        except Exception:
+        except UnreadableImage:
             return False
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        ok = list(pool.map(readable, [p for p, _ in split.samples]))
+    ok = map_in_threads(readable, [p for p, _ in split.samples])
     bad = [p for (p, _), good in zip(split.samples, ok) if not good]
-    if bad and len(bad) == len(split.samples):
-        raise UserError(f"none of the {len(bad)} images in {split.root} can be read (e.g. {bad[0]}); check that "
-                        f"the folder holds images, not e.g. unfinished downloads")
-    if bad and not skip:
-        raise UserError(f"cannot read image {bad[0]} ({len(bad)} unreadable in {split.root}); fix or remove it, "
-                        f"or set dataset.skip_bad_images=true to leave such files out")
+    _check_unreadable(bad, len(split.samples), split.root, skip)
     if bad:
         split.samples = [s for s, good in zip(split.samples, ok) if good]
         split.targets = [t for _, t in split.samples]
         split.imgs = split.samples
         split.skipped = bad
+
+
+def _check_unreadable(bad, total, root, skip):
+    """Refuse a split with unreadable images unless dataset.skip_bad_images, and one with no readable image."""
+    if bad and len(bad) == total:
+        raise UserError(f"none of the {len(bad)} images in {root} can be read (e.g. {bad[0]}); check that "
+                        f"the folder holds images, not e.g. unfinished downloads")
+    if bad and not skip:
+        raise UserError(f"cannot read image {bad[0]} ({len(bad)} unreadable in {root}); fix or remove it, "
+                        f"or set dataset.skip_bad_images=true to leave such files out")
 
 
 def report_skipped_images(data):
@@ -279,6 +329,8 @@ def dataset_config(stored, overrides, config_dir=None):
         cfg = OmegaConf.to_container(_dataset_file(Path(config_dir or DATASET_CONFIGS), name), resolve=True)
     if "download" in cfg:  # a checkpoint is data from strangers: its config never decides to fetch and write files
         cfg["download"] = False
+    if "cache_dir" in cfg:  # nor where a decoded-image cache is written: this machine's default place is
+        cfg["cache_dir"] = None
     overrides = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else overrides
     return literal_config(cfg | {k: v for k, v in overrides.items() if v is not None and k != "name"})
 
@@ -322,6 +374,15 @@ class _ShardedLoader:
         self.train, self.batch_size, self.seed, self.num_samples = train, batch_size, seed, num_samples
         self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+
+    def close(self):
+        """Release what the loader holds beyond memory (DataLoader workers); the device loaders hold nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __len__(self):
         if self.train:
@@ -378,6 +439,120 @@ class DeviceLoader(_ShardedLoader):
             yield normalize(x, self.mean, self.std, self.channels_last), self.labels[j]
 
 
+class ResizedCropLoader(_ShardedLoader):
+    """A decoded image folder's training split on the training device, augmented there as the streamed path does
+    it with torchvision: RandomResizedCrop(size) with its default scale and ratio ranges, then a horizontal flip.
+    The crop boxes are drawn in each image's original pixels and resampled as PIL does it (`resample`); the
+    epoch's order, boxes and flips come from epoch_generator(seed, epoch), so a resumed run replays them."""
+
+    def __init__(self, split, batch_size, *, size, mean, std, device, seed=0, rank=0, world_size=1,
+                 channels_last=False):
+        super().__init__(len(split), batch_size, train=True, mean=mean, std=std, device=device, seed=seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
+        self.size, self.original_sizes = size, split.sizes
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.stored_per_original = _stored_per_original(split).to(device)
+
+    def epoch(self, epoch, start_step=0):
+        """Yield (images float32 normalised, labels) for one epoch, starting at `start_step`."""
+        device = self.labels.device
+        g = epoch_generator(self.seed, epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        boxes = random_resized_crop_boxes(self.original_sizes[order], g)
+        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        order, boxes, flips = order.to(device), boxes.to(device), flips.to(device)
+        local = self.batch_size // self.world_size
+        for step in range(start_step, len(self)):
+            sl = slice(step * self.batch_size + self.rank * local, step * self.batch_size + (self.rank + 1) * local)
+            j = order[sl]
+            top, left, h, w = (boxes[sl] * self.stored_per_original[j].repeat(1, 2)).unbind(1)
+            x = resample(self.images[j], crop_axis(top, h, self.size), crop_axis(left, w, self.size), self.size)
+            x = torch.where(flips[sl, None, None, None], x.flip(3), x)
+            yield normalize(x, self.mean, self.std, self.channels_last), self.labels[j]
+
+
+def random_resized_crop_boxes(sizes, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+    """(N, 4) float boxes (top, left, height, width) in original pixels, one per (height, width) in `sizes`,
+    drawn as torchvision's RandomResizedCrop.get_params draws them: up to `tries` draws of area fraction and
+    log-uniform aspect ratio until the box fits, else the whole image cut to the ratio range, centred. All tries
+    are drawn at once (the first that fits is used), so a batch needs no Python loop."""
+    n = len(sizes)
+    height, width = sizes[:, :1].double(), sizes[:, 1:].double()
+    area = height * width * torch.empty(n, tries, dtype=torch.float64).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                    generator=generator)
+    w = torch.sqrt(area * torch.exp(log_ratio)).round()
+    h = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.double().argmax(1, keepdim=True)
+    w, h = w.gather(1, first), h.gather(1, first)
+    top = (torch.rand(n, 1, generator=generator, dtype=torch.float64) * (height - h + 1)).floor()
+    left = (torch.rand(n, 1, generator=generator, dtype=torch.float64) * (width - w + 1)).floor()
+    # the fallback: the largest centred box within the ratio range
+    in_ratio = width / height
+    fw = torch.where(in_ratio > ratio[1], (height * ratio[1]).round(), width)
+    fh = torch.where(in_ratio < ratio[0], (width / ratio[0]).round(), height)
+    ok = fits.any(1, keepdim=True)
+    top, left = torch.where(ok, top, ((height - fh) / 2).floor()), torch.where(ok, left, ((width - fw) / 2).floor())
+    return torch.cat([top, left, torch.where(ok, h, fh), torch.where(ok, w, fw)], 1).float()
+
+
+def crop_axis(start, length, size):
+    """One axis of a crop of `length` pixels from `start` resized to `size` (PIL: crop, then resize)."""
+    return start, start + length, torch.full_like(start, size), torch.zeros_like(start), start, start + length
+
+
+def resize_then_centre_crop_axis(stored, original, other, size):
+    """One axis of torchvision's test view, Resize(round(size * 256 / 224)) of the shorter side, then
+    CenterCrop(size); `original`/`other`: the image's original length on this axis and on the other one."""
+    resize = round(size * 256 / 224)
+    resized = torch.where(original <= other, torch.full_like(original, resize),
+                          (resize * original / other).floor())  # torchvision: int(size * long / short)
+    offset = ((resized - size) / 2).round()  # torchvision: int(round((h - size) / 2.0))
+    zero, full = torch.zeros_like(original), torch.full_like(original, stored)
+    return zero, full, resized, offset, zero, full
+
+
+def resample(images, rows, cols, size):
+    """uint8 (B, C, size, size): each image resampled as PIL's antialiased bilinear resize does it, columns first,
+    then rows, each pass rounded to 8 bits. An axis is (in0, in1, out_total, offset, lo, hi), each (B,): the
+    input span [in0, in1) maps onto out_total output pixels, of which `size` from `offset` are kept, reading
+    only input pixels inside [lo, hi) (a crop's edges). As weight matrices the whole batch is two matmuls."""
+    x = images.float()
+    x = torch.einsum("bchw,bow->bcho", x, _resample_weights(*cols, images.shape[-1], size)).round_().clamp_(0, 255)
+    x = torch.einsum("bcho,bph->bcpo", x, _resample_weights(*rows, images.shape[-2], size)).round_().clamp_(0, 255)
+    return x.to(torch.uint8)
+
+
+def _resample_weights(in0, in1, out_total, offset, lo, hi, in_size, size):
+    """(B, size, in_size): PIL's triangle-filter coefficients (ImagingResample's precompute_coeffs)."""
+    device = in0.device
+    scale = ((in1 - in0) / out_total).float()[:, None, None]
+    filter_scale = scale.clamp(min=1.0)
+    out = offset.float()[:, None, None] + torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
+    centre = in0.float()[:, None, None] + (out + 0.5) * scale
+    pixel = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] + 0.5
+    weights = (1 - ((pixel - centre) / filter_scale).abs()).clamp(min=0)
+    weights = weights * ((pixel > lo.float()[:, None, None]) & (pixel < hi.float()[:, None, None]))
+    return weights / weights.sum(2, keepdim=True).clamp(min=1e-12)
+
+
+def centre_views(split, size, chunk=1024):
+    """The test view of every image of a decoded split, (N, 3, size, size) uint8, on the split's device."""
+    height, width = split.sizes.unbind(1)
+    rows = resize_then_centre_crop_axis(split.images.shape[-2], height.double(), width.double(), size)
+    cols = resize_then_centre_crop_axis(split.images.shape[-1], width.double(), height.double(), size)
+    views = [resample(split.images[i:i + chunk], [a[i:i + chunk] for a in rows], [a[i:i + chunk] for a in cols],
+                      size) for i in range(0, len(split), chunk)]
+    return torch.cat(views) if views else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def _stored_per_original(split):
+    """(N, 2) stored pixels per original pixel, (rows, columns), for each image of a decoded split."""
+    stored = torch.tensor(split.images.shape[-2:], dtype=torch.float32)
+    return stored / split.sizes.float()
+
+
 class _EpochSampler(torch.utils.data.Sampler):
     """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating."""
 
@@ -404,13 +579,54 @@ class FolderLoader(_ShardedLoader):
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
             generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
+        # weakref.finalize registers its exit hook after multiprocessing's, so it runs first (atexit is LIFO)
+        self._end_workers = weakref.finalize(self, _end_workers, self.loader)
 
     def epoch(self, epoch, start_step=0):
+        from experiment.image_folder import UnreadableImage
+
         self.sampler.epoch, self.sampler.start_step = epoch, start_step if self.train else 0
-        for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in self.loader:
+                x = x.to(self.device, non_blocking=True)
+                yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device, non_blocking=True)
+        except UnreadableImage as e:  # from a worker, its message is the worker's traceback: keep the last line
+            line = next(line for line in reversed(str(e).splitlines()) if "cannot read image" in line)
+            raise UserError(f"{line[line.index('cannot read image'):]} in the middle of an epoch; fix or remove it, "
+                            f"or set dataset.verify_images=true to find such files before training (and "
+                            f"dataset.skip_bad_images=true to leave them out)") from None
+
+    def close(self):
+        """End the workers now. Persistent workers otherwise live as long as the process: a Hydra sweep runs
+        its jobs in one process, so every job would leave its workers behind (and their iterators, whose
+        finalisers then fail in the next job's forked workers with `can only test a child process`)."""
+        self._end_workers()
+
+
+def _end_workers(loader):
+    """Shut a DataLoader's persistent workers down: by the loader's own protocol, then SIGKILL for any that did
+    not stop (they ignore SIGTERM, see below). Also run when the FolderLoader is collected or at the latest when
+    the interpreter exits, before multiprocessing's own exit hook, whose SIGTERM the workers would ignore while
+    it waited for them."""
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def _leave_stop_signals_to_the_main_process(worker_id):
+    """Ctrl-C, `timeout`, `scancel` and container stops signal the whole process group, workers included. A
+    worker killed by one takes the batch it was preparing with it, and the main process could only fail; so
+    workers ignore SIGINT and SIGTERM, the main process finishes its step, saves, and closes the loader. A main
+    process killed outright leaves nothing behind either: workers exit when their parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_last=False):
@@ -419,6 +635,8 @@ def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_las
     if isinstance(data, TensorData):
         train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True, seed=seed,
                              crop_padding=cfg.crop_padding, hflip=cfg.hflip, **common)
+    elif isinstance(data, DecodedFolder):
+        train = ResizedCropLoader(data.train, cfg.batch_size, size=cfg.image_size, seed=seed, **common)
     else:
         train = FolderLoader(data.train, cfg.batch_size, train=True, seed=seed, num_workers=cfg.num_workers,
                              **common)
@@ -433,6 +651,10 @@ def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=
     if isinstance(data, TensorData):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
+    if isinstance(data, DecodedFolder):  # the test view is the same every epoch: computed once
+        split = getattr(data, split)
+        return DeviceLoader(centre_views(split, cfg.image_size), split.labels, cfg.eval_batch_size, train=False,
+                            crop_padding=0, **common)
     return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
                         **common)
 

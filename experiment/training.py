@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,7 @@ class Run:
     totals: TrainTotals | None = None
     seconds_before: float = 0.0  # training time of the run before it was resumed
     start: float = 0.0  # perf_counter() when this process's epoch loop began
+    stopped_by: signal.Signals | None = None  # a stop signal that came after the last step
 
     @property
     def num_classes(self):
@@ -74,11 +75,16 @@ def train(cfg, overrides, world, device, run_dir):
     """One training run into `run_dir`: `cfg` is the composed config, `overrides` the command line's
     (needed to resume), `world` the process group (a world of one without torchrun)."""
     cfg, resume = config_of_run(cfg, overrides)
-    run = set_up(cfg, resume, world, device, Path(run_dir))
-    run_epochs(run)
-    if world.is_main:  # what only rank 0 does: score, write metrics.json and the run's summary
-        report(run)
-    run.tracker.close()
+    # The loaders' DataLoader workers end with the run, however it ends: a sweep runs every job in this process
+    with ExitStack() as loaders:
+        run = set_up(cfg, resume, world, device, Path(run_dir), loaders)
+        run_epochs(run)
+        if world.is_main:  # what only rank 0 does: score, write metrics.json and the run's summary
+            report(run)
+        run.tracker.close()
+    if run.stopped_by:  # a signal after the last step: the run is complete, but the sweep stops here too
+        log.warning("interrupted (%s) after the last epoch; the run is complete", run.stopped_by.name)
+        sys.exit(128 + int(run.stopped_by))
 
 
 def config_of_run(cfg, overrides):
@@ -95,8 +101,9 @@ def config_of_run(cfg, overrides):
     return cfg, resume
 
 
-def set_up(cfg, resume, world, device, run_dir):
-    """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state."""
+def set_up(cfg, resume, world, device, run_dir, loaders):
+    """Claim the run directory, load the data, build model, optimizer and schedule, restore a resumed state.
+    The data loaders are entered into the ExitStack `loaders`, which closes them."""
     if world.is_main:  # rank 0 alone writes the run directory; its tracker and checkpoint saver are idle elsewhere
         claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
         # resolved, with any `${` a value holds escaped: OmegaConf.load gives back these values, runs nothing
@@ -111,10 +118,13 @@ def set_up(cfg, resume, world, device, run_dir):
     report_skipped_images(data)
     train_loader, test_loader = build_loaders(data, cfg.dataset, device=device, seed=cfg.seed, rank=world.rank,
                                               world_size=world.size, channels_last=channels_last)
+    loaders.enter_context(train_loader)
+    loaders.enter_context(test_loader)
     # With dataset.val_split the epochs are scored, and best.pt picked, on held-out training images; the test
     # split is then touched once, at the end, so its score was not selected on.
     val_loader = build_test_loader(data, cfg.dataset, device=device, rank=world.rank, world_size=world.size,
                                    channels_last=channels_last, split="val") if data.has_val else test_loader
+    loaders.enter_context(val_loader)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes)).to(device)
     if channels_last:
@@ -186,6 +196,7 @@ def run_epochs(run):
                 epoch_bar.set_postfix(best_val_acc1=f"{run.best_acc1:.2f}")
             run.saver.save_epoch(finished, is_best, lambda: checkpoint_state(run, finished, 0))
         epoch_bar.close()
+        run.stopped_by = stop.signal
 
 
 def train_epoch(run, stop, bars):
@@ -275,8 +286,8 @@ def score_on_test(run):
                     "split: metrics.json has test_acc1 null (score it with eval.py once best.pt is back)", best)
         return None
     model = model_from_checkpoint(load_checkpoint(best), best).to(run.device)
-    loader = build_test_loader(run.data, run.cfg.dataset, device=run.device)
-    result = evaluate(model, loader, num_classes=run.num_classes, device=run.device, world=World(), amp=False)
+    with build_test_loader(run.data, run.cfg.dataset, device=run.device) as loader:
+        result = evaluate(model, loader, num_classes=run.num_classes, device=run.device, world=World(), amp=False)
     log.info("best.pt on the test split: top-1 %.2f%%, top-5 %.2f%%, %d images", result["acc1"], result["acc5"],
              result["num_samples"])
     return result["acc1"]

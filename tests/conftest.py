@@ -2,6 +2,7 @@
 entry point's own `main` on a config composed by Hydra, the way `python <script>` would compose it) or, where a
 process boundary is what is tested (exit on a signal, torchrun, Hydra's own command-line errors), in a real
 subprocess from the repository root (`run_script`, `start_script`)."""
+import atexit
 import contextlib
 import copy
 import functools
@@ -10,9 +11,11 @@ import json
 import logging
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,11 @@ TINY = ["experiment=tiny"]
 # shared CPU machine several PyTorch thread pools spinning at once make each step many times slower, and the
 # thread count fixes the float summation order that exact-resume comparisons depend on.
 torch.set_num_threads(1)
+
+# Decoded image folders are cached under $XDG_CACHE_HOME (experiment/folder_cache.py): the tests', and the entry
+# points they start, go to a folder of their own, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="alexnet-ac-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 def script_env(env=None):

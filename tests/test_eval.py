@@ -61,3 +61,29 @@ def test_out_equal_to_the_checkpoint_is_refused_also_as_a_hard_link(trained_runs
         proc = run_main("eval.py", f"ckpt={ckpt}", f"out={out}", check=False)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: out={out} would overwrite the input")
     assert ckpt.read_bytes() == before
+
+
+def test_a_class_left_without_test_images_is_reported_as_having_none(tmp_path):
+    """dataset.skip_bad_images can leave a class of the test split empty: its top-1 is not 0%, it is unknown."""
+    import numpy as np
+
+    from conftest import TINY
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "fox"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    run_main("train.py", *TINY, "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.image_size=32",
+             "dataset.batch_size=4", "dataset.eval_batch_size=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    for image in (tmp_path / "data" / "val" / "fox").iterdir():
+        image.write_bytes(b"not an image any more")
+    out = tmp_path / "eval.json"
+    proc = run_main("eval.py", f"ckpt={tmp_path / 'run/checkpoints/best.pt'}", "dataset.skip_bad_images=true",
+                    f"out={out}")
+    report = json.loads(out.read_text())
+    assert report["per_class_acc1"]["fox"] is None and report["num_samples"] == 8
+    assert all(isinstance(report["per_class_acc1"][c], float) for c in ("cat", "dog"))
+    assert "fox no images" in proc.stdout

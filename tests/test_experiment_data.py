@@ -27,9 +27,13 @@ def image_tree(root, train=("cat", "dog"), val=("cat", "dog"), per_class=2):
 
 
 def folder_cfg(root, **extra):
+    """The folder dataset streamed (cache off) unless `extra` says otherwise: the decoded path has its own tests."""
     cfg = OmegaConf.load(ROOT / "configs/dataset/folder.yaml")
-    cfg.root, cfg.image_size, cfg.num_workers = str(root), 16, 0
+    cfg.root, cfg.image_size, cfg.num_workers, cfg.cache = str(root), 16, 0, "off"
     return OmegaConf.merge(cfg, extra)
+
+
+CACHED = {"cache": "auto"}
 
 
 def test_good_tree_loads(tmp_path, caplog):
@@ -311,3 +315,55 @@ def test_a_checkpoint_of_other_class_names_is_refused_at_evaluation(tmp_path):
     with pytest.raises(UserError, match="x.pt was trained on classes that folder names otherwise .*ant/cat, bee/dog"):
         checkpoint_test_loader({**ckpt, "classes": ["ant", "bee"]}, "x.pt", {}, device="cpu",
                                config_dir=ROOT / "configs/dataset")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images are what they claim: 16-bit images scaled, hidden folders and files left out, a bad file mid-epoch named
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path, cache):
+    root = image_tree(tmp_path / "data")
+    levels = np.arange(256, dtype=np.uint16).repeat(16).reshape(64, 64)  # every 8-bit level, as 16-bit
+    Image.fromarray(levels * 257).save(root / "train" / "cat" / "0.png")  # PIL reads it back as mode I;16
+    assert Image.open(root / "train" / "cat" / "0.png").mode.startswith("I")
+    data = load_dataset(folder_cfg(root, cache=cache, image_size=64, cache_dir=str(tmp_path / "cache")))
+    from experiment.image_folder import read_rgb
+
+    pixels = np.asarray(read_rgb(root / "train" / "cat" / "0.png"))
+    assert (pixels == levels[..., None]).all()  # 65535 -> 255, 257 * v -> v: no level lost, none clipped
+    if cache == "auto":
+        assert torch.equal(data.train.images[0], torch.from_numpy(levels.astype(np.uint8)).expand(3, 64, 64))
+
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_hidden_folders_are_no_classes_and_hidden_files_no_images(tmp_path, cache):
+    root = image_tree(tmp_path / "data")
+    for split in ("train", "val"):
+        png(root / split / ".ipynb_checkpoints" / "0.png")  # a hidden folder, with an image in it
+        (root / split / "cat" / "._0.png").write_bytes(b"macOS resource fork, not an image")
+    data = load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
+    assert data.classes == ["cat", "dog"] and len(data.train) == 4 and len(data.test) == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_met_mid_epoch_is_one_line_naming_it(tmp_path, workers):
+    from experiment.data import build_loaders
+
+    root = image_tree(tmp_path / "data", per_class=4)
+    bad = root / "train" / "dog" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    cfg = folder_cfg(root, verify_images=False, num_workers=workers, batch_size=8)
+    train, _ = build_loaders(load_dataset(cfg), cfg, device="cpu", seed=0)
+    with train, pytest.raises(UserError) as caught:
+        list(train.epoch(0))
+    message = str(caught.value)
+    assert message.startswith(f"cannot read image {bad} (") and "\n" not in message
+    assert "in the middle of an epoch" in message and "dataset.verify_images=true" in message
+
+
+def test_a_checkpoints_config_never_chooses_where_a_cache_is_written():
+    from experiment.data import dataset_config
+
+    stored = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/dataset/folder.yaml"))
+    stored.update(root="/data", cache_dir="/somewhere/the/checkpoint/chose")
+    assert dataset_config(stored, {"name": None}, ROOT / "configs/dataset").cache_dir is None  # this machine's default

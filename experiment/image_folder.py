@@ -1,0 +1,57 @@
+"""How this project reads an image folder: which folders are classes, which files are images, and how a file
+becomes an 8-bit RGB image. Both the streamed and the decoded-once (experiment/folder_cache.py) paths use it.
+Imports torchvision, which takes seconds: import this module where a folder is actually read."""
+import os
+
+import numpy as np
+from torchvision import datasets
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_hidden(name):
+    return name.startswith(".")
+
+
+def is_image(path):
+    """An image by its extension, and not a hidden file (`.name`, e.g. macOS's `._photo.jpg`)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(os.path.basename(path))
+
+
+def class_names(folder):
+    """The class folders of a split, sorted; hidden folders (`.name`, e.g. `.ipynb_checkpoints`) are none."""
+    return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not is_hidden(d.name))
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, reading with `read_rgb`, with no hidden folder taken for a class and no hidden
+    file for an image."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=is_image)
+
+    def find_classes(self, directory):
+        classes = class_names(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded; the message starts with `cannot read image <path>`."""
+
+
+def read_rgb(path):
+    """An image file as an 8-bit RGB PIL image. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: PIL's own
+    conversion clips it, which turns nearly every pixel of a 16-bit image white."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                values = np.asarray(im).astype(np.int64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise ValueError(f"{im.mode} pixel values outside 0..65535 are not 16-bit")
+                return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+            return im.convert("RGB")  # decodes the whole image: truncated files fail here
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UnreadableImage(f"cannot read image {path} ({reason})") from None

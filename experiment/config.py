@@ -80,6 +80,9 @@ TRAIN_RULES = {
     "dataset.test_size": _whole(1),
     "dataset.verify_images": _boolean(),
     "dataset.skip_bad_images": _boolean(),
+    "dataset.cache": _one_of(("auto", "off")),  # dataset=folder: decode once into a cache, or stream
+    "dataset.cache_max_gb": _number(0),  # 0 never caches, as cache=off
+    "dataset.cache_dir": _optional(_path()),
     "model.width": _number(0, low_open=True),  # AlexNet's channel multiplier (inf: an OverflowError traceback)
     "model.classifier_width": _whole(1),  # 0 built a classifier of empty layers
     "model.dropout": _number(0, 1, high_open=True),  # nan was accepted by nn.Dropout
@@ -109,7 +112,9 @@ TRAIN_RULES = {
 }
 
 # eval.py and fuse.py: their own options, and the dataset overrides (null keeps the checkpoint's value)
-EVAL_RULES = {"dataset.eval_batch_size": _whole(1), "dataset.num_workers": _whole(0)}
+EVAL_RULES = {key: TRAIN_RULES[key] for key in (
+    "dataset.root", "dataset.download", "dataset.verify_images", "dataset.skip_bad_images", "dataset.eval_batch_size",
+    "dataset.num_workers", "dataset.cache", "dataset.cache_dir")}
 FUSE_RULES = {"check_batch": _whole(1), "tolerance": _number(0)}
 
 

@@ -205,15 +205,11 @@ def _decode_folder(cfg, splits):
     dataset.cache_max_gb; else None, and the folder streams through DataLoader workers."""
     from experiment import folder_cache
 
-    mode = cfg.get("cache", "auto")  # configs stored before the cache existed have no such key
-    choose({"auto": 0, "off": 0}, mode, "dataset.cache", f"dataset.cache={mode} is not valid; choose auto (decode "
-           f"the folder once into a cache when it fits dataset.cache_max_gb) or off (stream it through workers)")
-    if mode == "off":
-        return None
+    # the values passed config.py's checks (command line or checkpoint); configs stored before the cache existed
+    # have no such keys
     max_gb = cfg.get("cache_max_gb", 8.0)
-    if not isinstance(max_gb, (int, float)) or isinstance(max_gb, bool) or not max_gb >= 0:
-        raise UserError(f"dataset.cache_max_gb={max_gb} is not valid: it must be a number of gigabytes >= 0 "
-                        f"(0 turns the cache off, as dataset.cache=off does)")
+    if cfg.get("cache", "auto") == "off" or not max_gb:
+        return None
     decoded = []
     for split in splits:
         if split is None:

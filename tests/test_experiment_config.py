@@ -56,6 +56,8 @@ def test_torchvision_names_come_from_torchvision_builders_only(model, says):
     "dataset=folder dataset.root=5", "dataset=cifar10 dataset.download=maybe", "dataset=fake dataset.num_classes=0",
     "dataset=fake dataset.test_size=0", "model.width=inf", "model.width=0", "model.classifier_width=0",
     "model.dropout=nan", "model.dropout=1", "trainer.compile_mode=fastest",
+    "dataset=folder dataset.cache=sometimes", "dataset=folder dataset.cache_max_gb=-1",
+    "dataset=folder dataset.cache_dir=''",
 ])
 def test_bad_train_values_name_the_key(override):
     *group, override = override.split()
@@ -77,6 +79,10 @@ def test_eval_overrides_may_be_null_but_not_zero():
     check_values({"dataset": {"eval_batch_size": None, "num_workers": None}}, EVAL_RULES, allow_null=True)
     with pytest.raises(UserError, match="dataset.eval_batch_size=0"):
         check_values({"dataset": {"eval_batch_size": 0}}, EVAL_RULES, allow_null=True)
+    with pytest.raises(UserError, match="dataset.cache='sometimes' is not valid: it must be one of: auto, off"):
+        check_values({"dataset": {"cache": "sometimes"}}, EVAL_RULES, allow_null=True)
+    with pytest.raises(UserError, match="dataset.verify_images='maybe' is not valid: it must be true or false"):
+        check_values({"dataset": {"verify_images": "maybe"}}, EVAL_RULES, allow_null=True)
 
 
 STORED = {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"},

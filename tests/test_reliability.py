@@ -457,6 +457,9 @@ def test_bad_config_values(tmp_path, override, says):
 @pytest.mark.parametrize("script, override, says", [
     ("fuse.py", "check_batch=0", "check_batch=0 is not valid"), ("fuse.py", "tolerance=abc", "tolerance='abc'"),
     ("eval.py", "dataset.eval_batch_size=0", "dataset.eval_batch_size=0 is not valid"),
+    ("eval.py", "dataset.cache=sometimes", "dataset.cache='sometimes' is not valid"),
+    ("fuse.py", "dataset.verify_images=maybe", "dataset.verify_images='maybe' is not valid"),
+    ("fuse.py", "dataset.cache_dir=''", "dataset.cache_dir='' is not valid"),
 ])
 def test_bad_eval_and_fuse_values(tmp_path, script, override, says):
     proc = run_main(script, f"ckpt={tmp_path / 'never-read.pt'}", override, check=False)

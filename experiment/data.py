@@ -180,7 +180,7 @@ def _load_fake(cfg, train=True):
 def _load_folder(cfg, train=True):
     from torchvision import transforms
 
-    from experiment.image_folder import ImageFolder
+    from experiment.image_folder import ImageFolder, test_view
 
     root = Path(cfg.root).expanduser()
     classes = check_folder_layout(root, ("train", "val") if train else ("val",))
@@ -189,8 +189,7 @@ def _load_folder(cfg, train=True):
     decoded = _decode_folder(cfg, splits)
     if decoded:
         return DecodedFolder(*decoded, classes)
-    splits[-1].transform = transforms.Compose([transforms.Resize(round(size * 256 / 224)),
-                                               transforms.CenterCrop(size), transforms.PILToTensor()])
+    splits[-1].transform = transforms.Compose([test_view(size), transforms.PILToTensor()])
     if train:
         splits[0].transform = transforms.Compose([transforms.RandomResizedCrop(size),
                                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
@@ -202,7 +201,8 @@ def _load_folder(cfg, train=True):
 
 def _decode_folder(cfg, splits):
     """[train, test] decoded (experiment/folder_cache.py) when dataset.cache allows and every split fits
-    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers."""
+    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers. The test split is
+    stored as its test views only; the training split also as images to draw crops from."""
     from experiment import folder_cache
 
     # the values passed config.py's checks (command line or checkpoint); configs stored before the cache existed
@@ -211,11 +211,12 @@ def _decode_folder(cfg, splits):
     if cfg.get("cache", "auto") == "off" or not max_gb:
         return None
     decoded = []
-    for split in splits:
+    for split, crops in zip(splits, (True, False)):
         if split is None:
             decoded.append(None)
             continue
-        d = folder_cache.decoded_split(split.samples, split.root, cfg.image_size, cfg.get("cache_dir"), max_gb * 1e9)
+        d = folder_cache.decoded_split(split.samples, split.root, cfg.image_size, cfg.get("cache_dir"), max_gb * 1e9,
+                                       crops=crops)
         if d is None:
             log.info("%s does not fit dataset.cache_max_gb=%s decoded: streaming it through DataLoader workers",
                      split.root, max_gb)
@@ -498,17 +499,6 @@ def crop_axis(start, length, size):
     return start, start + length, torch.full_like(start, size), torch.zeros_like(start), start, start + length
 
 
-def resize_then_centre_crop_axis(stored, original, other, size):
-    """One axis of torchvision's test view, Resize(round(size * 256 / 224)) of the shorter side, then
-    CenterCrop(size); `original`/`other`: the image's original length on this axis and on the other one."""
-    resize = round(size * 256 / 224)
-    resized = torch.where(original <= other, torch.full_like(original, resize),
-                          (resize * original / other).floor())  # torchvision: int(size * long / short)
-    offset = ((resized - size) / 2).round()  # torchvision: int(round((h - size) / 2.0))
-    zero, full = torch.zeros_like(original), torch.full_like(original, stored)
-    return zero, full, resized, offset, zero, full
-
-
 def resample(images, rows, cols, size):
     """uint8 (B, C, size, size): each image resampled as PIL's antialiased bilinear resize does it, columns first,
     then rows, each pass rounded to 8 bits. An axis is (in0, in1, out_total, offset, lo, hi), each (B,): the
@@ -531,16 +521,6 @@ def _resample_weights(in0, in1, out_total, offset, lo, hi, in_size, size):
     weights = (1 - ((pixel - centre) / filter_scale).abs()).clamp(min=0)
     weights = weights * ((pixel > lo.float()[:, None, None]) & (pixel < hi.float()[:, None, None]))
     return weights / weights.sum(2, keepdim=True).clamp(min=1e-12)
-
-
-def centre_views(split, size, chunk=1024):
-    """The test view of every image of a decoded split, (N, 3, size, size) uint8, on the split's device."""
-    height, width = split.sizes.unbind(1)
-    rows = resize_then_centre_crop_axis(split.images.shape[-2], height.double(), width.double(), size)
-    cols = resize_then_centre_crop_axis(split.images.shape[-1], width.double(), height.double(), size)
-    views = [resample(split.images[i:i + chunk], [a[i:i + chunk] for a in rows], [a[i:i + chunk] for a in cols],
-                      size) for i in range(0, len(split), chunk)]
-    return torch.cat(views) if views else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
 def _stored_per_original(split):
@@ -647,10 +627,9 @@ def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=
     if isinstance(data, TensorData):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
-    if isinstance(data, DecodedFolder):  # the test view is the same every epoch: computed once
+    if isinstance(data, DecodedFolder):  # the test view is the same every epoch: computed once, when decoded
         split = getattr(data, split)
-        return DeviceLoader(centre_views(split, cfg.image_size), split.labels, cfg.eval_batch_size, train=False,
-                            crop_padding=0, **common)
+        return DeviceLoader(split.views, split.labels, cfg.eval_batch_size, train=False, crop_padding=0, **common)
     return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
                         **common)
 

@@ -4,7 +4,7 @@ Imports torchvision, which takes seconds: import this module where a folder is a
 import os
 
 import numpy as np
-from torchvision import datasets
+from torchvision import datasets, transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -21,6 +21,13 @@ def is_image(path):
 def class_names(folder):
     """The class folders of a split, sorted; hidden folders (`.name`, e.g. `.ipynb_checkpoints`) are none."""
     return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not is_hidden(d.name))
+
+
+def test_view(size):
+    """The evaluation transform on a PIL image, as torchvision's ImageNet references do it: the shorter side
+    resized to round(size * 256 / 224) (antialiased bilinear), then the centre `size` x `size` crop. The
+    streamed path applies it per batch; the decoded path once, when it decodes (experiment/folder_cache.py)."""
+    return transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)])
 
 
 class ImageFolder(datasets.ImageFolder):

@@ -2,6 +2,7 @@
 cache outside the dataset folder, reused while its files are unchanged and rebuilt when one changes, read as data;
 served from the device with the streamed path's augmentation (RandomResizedCrop + flip, resize + centre crop)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -60,6 +61,7 @@ def test_a_folder_is_decoded_once_outside_itself_and_reused(tmp_path, decodes):
     data = load_dataset(cached_cfg(root, tmp_path / "cache"))
     assert isinstance(data, DecodedFolder) and data.classes == ["cat", "dog", "fox"]
     assert data.train.images.shape == (18, 3, 36, 36) and data.train.images.dtype == torch.uint8  # native size
+    assert data.train.views.shape == data.test.views.shape == (18, 3, 32, 32) and data.test.images is None
     assert data.train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6 and len(data.test) == 18
     assert decodes[0] == 36 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert sorted(p for p in root.rglob("*")) == before  # nothing written into the dataset folder
@@ -99,6 +101,17 @@ def test_another_resolution_is_another_cache(tmp_path, decodes):
     assert decodes[0] == 72 and len(list((tmp_path / "cache").glob("*.pt"))) == 4
 
 
+def test_a_cache_file_of_the_previous_format_is_neither_read_nor_kept(tmp_path, decodes, monkeypatch):
+    root = folder(tmp_path / "data")
+    monkeypatch.setattr(folder_cache, "FORMAT", 1)
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    old = sorted((tmp_path / "cache").glob("*.pt"))
+    monkeypatch.setattr(folder_cache, "FORMAT", 2)
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    new = sorted((tmp_path / "cache").glob("*.pt"))
+    assert decodes[0] == 72 and len(new) == 2 and not set(new) & set(old)  # other names; the old files replaced
+
+
 def test_a_damaged_cache_file_is_decoded_again(tmp_path, decodes, caplog):
     root = folder(tmp_path / "data")
     load_dataset(cached_cfg(root, tmp_path / "cache"))
@@ -129,6 +142,35 @@ def test_an_unwritable_cache_folder_costs_speed_only(tmp_path, caplog):
     data = load_dataset(cached_cfg(root, tmp_path / "a_file" / "cache"))
     assert isinstance(data, DecodedFolder) and len(data.train) == 18
     assert "could not write the decoded-image cache" in caplog.text and "set dataset.cache_dir" in caplog.text
+
+
+def test_temporaries_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    """A process killed while writing a cache file leaves its temporary file; the next write removes it, and
+    only it: not a live writer's, not the user's own files."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    name = f"{'a' * 16}-{'b' * 64}.pt"
+    stale = [cache / f".{name}.{dead}.x1y2z3.tmp", cache / ".0123456789abcdef.k2_9m0qz.tmp"]  # this, first format
+    kept = [cache / f".{name}.{os.getpid()}.x1y2z3.tmp", cache / ".notes.tmp", cache / f".{name}.tmp"]
+    for path in stale + kept:
+        path.write_text("x")
+    load_dataset(cached_cfg(folder(tmp_path / "data"), cache))
+    assert [p for p in stale + kept if p.exists()] == kept
+
+
+def test_cache_files_take_the_umask_mode_as_checkpoints_do(tmp_path):
+    """A cache folder shared by a group is shared as any file its users write: not private (0600) files."""
+    mask = os.umask(0o022)
+    try:
+        load_dataset(cached_cfg(folder(tmp_path / "data"), tmp_path / "cache"))
+    finally:
+        os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "cache").glob("*.pt")} == {0o644}
 
 
 def test_default_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
@@ -205,18 +247,25 @@ def test_crop_boxes_follow_random_resized_crop_get_params(height, width):
     assert abs(whole(ours) - whole(theirs)) < 0.02  # how often the fallback (whole image) is taken
 
 
-@pytest.mark.parametrize("sizes", [((36, 36),), ((40, 56), (48, 64), (30, 26))], ids=["one size", "mixed sizes"])
-def test_the_test_view_equals_the_streamed_one(tmp_path, sizes):
+@pytest.mark.parametrize("sizes, stored", [(((36, 36),), (36, 36)), (((40, 56), (48, 64), (30, 26)), (64, 64)),
+                                           (((130, 150),), (114, 114))],
+                         ids=["one size", "mixed sizes", "one size larger than the crops use"])
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_the_test_view_equals_the_streamed_one(tmp_path, sizes, stored, split):
+    """The test split's views and those of the validation images held out of the training split, whether the
+    training split stores its images as they are or resized (mixed sizes; larger than the crops can use)."""
     root = folder(tmp_path / "data", per_class=4, sizes=sizes)
-    decoded = load_dataset(cached_cfg(root, tmp_path / "cache"), train=False)
-    streamed = load_dataset(cached_cfg(root, tmp_path / "cache", cache="off"), train=False)
-    ours = build_test_loader(decoded, cached_cfg(root, tmp_path / "cache"), device="cpu").images
-    theirs = torch.stack([streamed.test[i][0] for i in range(len(streamed.test))])
-    assert ours.shape == theirs.shape == (12, 3, 32, 32)
-    difference = (ours.float() - theirs.float()).abs().mean()
-    # grey levels. One size: stored as they are, the view is PIL's resampling up to rounding (measured 0.02).
-    # Mixed sizes: stored resized to one side first, so the view is resampled twice (measured 1.3).
-    assert difference < (1 if len(sizes) == 1 else 2), difference
+    cfg = cached_cfg(root, tmp_path / "cache", val_split=0.5)
+    decoded = load_dataset(cfg, train=split == "val")
+    streamed = load_dataset(cached_cfg(root, tmp_path / "cache", val_split=0.5, cache="off"), train=split == "val")
+    assert isinstance(decoded, DecodedFolder) and not isinstance(streamed, DecodedFolder)
+    if split == "val":
+        assert decoded.train.images.shape[-2:] == stored  # as they are, or resized for the crops
+    ours = build_test_loader(decoded, cfg, device="cpu", split=split).images
+    theirs = torch.stack([image for image, _ in getattr(streamed, split)])
+    assert ours.shape == theirs.shape == ((12 if split == "test" else 6), 3, 32, 32)
+    difference = (ours.float() - theirs.float()).abs().mean()  # in grey levels
+    assert difference < 1 and torch.equal(ours, theirs), difference  # the same PIL operations, at decode time
 
 
 def test_a_crop_resized_on_the_device_equals_pils():
@@ -259,7 +308,7 @@ def test_the_seed_fixes_the_crops_and_a_replay_from_any_step_matches(tmp_path):
 
 
 def _split(ld):
-    return folder_cache.DecodedSplit(ld.images, ld.original_sizes, ld.labels, "x")
+    return folder_cache.DecodedSplit(ld.images, None, ld.original_sizes, ld.labels, "x")
 
 
 def test_build_loaders_serves_a_decoded_folder_from_the_device(tmp_path):

@@ -13,11 +13,13 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-import experiment.checkpoint  # also registers the resolvers configs/train.yaml uses
 from experiment.config import check_train_config
 from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
 from experiment.errors import exit_on_user_error
+from experiment.run_dir import check_run_dir_argument, register_resolvers
 from experiment.training import train
+
+register_resolvers()  # configs/train.yaml names the run directory and log file with them
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -34,5 +36,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    experiment.checkpoint.check_run_dir_argument(sys.argv[1:])
+    check_run_dir_argument(sys.argv[1:])
     main()

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +23,16 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from experiment.checkpoint import (CheckpointSaver, claim_run_dir, load_checkpoint, resume_command, rng_state,
-                                   run_dir_of_checkpoint, set_rng_state)
+from experiment.checkpoint import CheckpointSaver, load_checkpoint, resume_command, rng_state, set_rng_state
 from experiment.complexity import count_parameters
 from experiment.config import check_train_config, escape_interpolations, literal_config
 from experiment.data import build_loaders, build_test_loader, load_dataset, report_skipped_images
 from experiment.distributed import World, all_gather_object, all_reduce_sum, local_main_first, unwrap, wrap_ddp
 from experiment.errors import UserError
+from experiment.evaluation import autocast_context, evaluate
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
+from experiment.run_dir import claim_run_dir, run_dir_of_checkpoint
 from experiment.tracking import RunTracker, arms, session_group, tensorboard_url, write_json
 
 log = logging.getLogger("train")
@@ -306,7 +307,7 @@ def resumed_totals(saved, world):
 
 def log_kernel_skeleton(tracker, model, name):
     """ACNet's kernel-skeleton picture of the trained model (after fusion) in TensorBoard."""
-    from experiment.report import kernel_skeleton, kernel_skeleton_figure
+    from experiment.figures import kernel_skeleton, kernel_skeleton_figure
     from nets import fuse_model
 
     layers = kernel_skeleton(fuse_model(model))
@@ -321,14 +322,6 @@ class NonFiniteLoss(Exception):
         of = f" of {steps_per_epoch}" if steps_per_epoch else ""
         super().__init__(f"the training loss became non-finite (nan or inf) at epoch {epoch + 1}, step {step + 1}{of}")
         self.epoch, self.step = epoch, step
-
-
-def autocast_context(device, amp):
-    """bf16 autocast on CUDA when `amp`; float32 elsewhere."""
-    device = torch.device(device)
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @dataclass
@@ -407,40 +400,6 @@ def reduce_train_totals(totals, device, world):
     t = torch.tensor([totals.loss_sum, totals.correct, totals.count], dtype=torch.float64, device=device)
     loss_sum, correct, count = all_reduce_sum(t, world).tolist()
     return {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct / max(count, 1)}
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, num_classes, device, world, amp=False, return_predictions=False):
-    """Loss, top-1, top-5, per-class confusion counts and sample count over the whole test split, each
-    sample counted once whatever the number of ranks."""
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.int64)
-    top5 = torch.zeros((), device=device, dtype=torch.int64)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    predictions = []
-    k = min(5, num_classes)
-    t0 = time.perf_counter()
-    for x, y in loader.epoch(0):
-        with autocast_context(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == y).sum()
-        top5 += (topk == y[:, None]).any(1).sum()
-        confusion.index_add_(0, y * num_classes + topk[:, 0], torch.ones_like(y))  # bincount would sync on CUDA
-        if return_predictions:
-            predictions.append(topk[:, 0].cpu())
-    stats = torch.cat([loss_sum.view(1), top1.view(1).double(), top5.view(1).double()])
-    loss_sum, top1, top5 = all_reduce_sum(stats, world).tolist()
-    confusion = all_reduce_sum(confusion, world).view(num_classes, num_classes).cpu()
-    n = int(confusion.sum())
-    result = {"loss": loss_sum / max(n, 1), "acc1": 100.0 * top1 / max(n, 1), "acc5": 100.0 * top5 / max(n, 1),
-              "num_samples": n, "seconds": time.perf_counter() - t0, "confusion": confusion}
-    if return_predictions:
-        result["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
-    return result
 
 
 class StopRequest:

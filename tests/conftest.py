@@ -24,6 +24,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 
+from experiment.run_dir import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A network small enough for a CPU test that still learns digits in a few epochs: configs/experiment/tiny.yaml.
@@ -33,6 +35,8 @@ TINY = ["experiment=tiny"]
 # shared CPU machine several PyTorch thread pools spinning at once make each step many times slower, and the
 # thread count fixes the float summation order that exact-resume comparisons depend on.
 torch.set_num_threads(1)
+
+register_resolvers()  # as train.py does: the tests compose configs/train.yaml, whose run directory uses them
 
 # Decoded image folders are cached under $XDG_CACHE_HOME (experiment/folder_cache.py): the tests', and the entry
 # points they start, go to a folder of their own, not the user's ~/.cache.
@@ -150,7 +154,7 @@ def run_main(script, *overrides, check=True, composed=None):
         signal.signal(signal.SIGINT, handler)
         HydraConfig.instance().cfg = None
         # the run directory's claim goes when train.py's process ends; here the run ends instead
-        from experiment.checkpoint import CLAIM, release_run_dir
+        from experiment.run_dir import CLAIM, release_run_dir
 
         if "cfg" in locals() and Path(script).stem == "train":
             with contextlib.suppress(Exception):

@@ -8,7 +8,6 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import experiment.checkpoint  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT, TINY, compose_main, run_main
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler, lr_factor

@@ -17,7 +17,7 @@ from experiment.data import DeviceLoader, FolderLoader, build_test_loader, load_
 from experiment.distributed import World, wrap_ddp
 from experiment.errors import UserError
 from experiment.models import model_from_checkpoint
-from experiment.training import evaluate
+from experiment.evaluation import evaluate
 
 
 def torchrun(script, *args, nproc=2, cwd=ROOT, env=None, timeout=300):

@@ -146,7 +146,10 @@ def train(cfg, run_dir, overrides=()):
                         label_smoothing=tc.label_smoothing, start_step=step, totals=totals, stop_requested=stop,
                         progress=batch_bar if bars else None, log_every=tc.log_every)
                 except NonFiniteLoss as e:
-                    raise non_finite_loss_error(e, saver.directory / "last.pt") from None
+                    last = saver.directory / "last.pt"
+                    good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                    raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or a longer "
+                                    f"scheduler.warmup_epochs") from None
                 finally:
                     batch_bar.close()
                 if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
@@ -155,15 +158,15 @@ def train(cfg, run_dir, overrides=()):
                         log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
                                     stop.signal.name, epoch + 1, step, path, resume_command(path))
                     sys.exit(stop.exit_code)
-                record = epoch_record(epoch, totals, optimizer, device, world)
-                totals, step, val = None, 0, None
+                val = None
                 if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                     val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
                                    amp=tc.amp)
                 is_best = val is not None and (best_acc1 is None or val["acc1"] > best_acc1)
                 if is_best:
                     best_acc1 = val["acc1"]
-                history.append(record_epoch(tracker, record, val, tc.epochs))
+                history.append(record_epoch(epoch, totals, val, optimizer, device, world, tracker, tc.epochs))
+                totals, step = None, 0
                 if best_acc1 is not None:
                     epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
                 saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0))
@@ -254,30 +257,20 @@ def resumed_totals(saved, world):
                           for k in saved[0]})
 
 
-def non_finite_loss_error(error, last):
-    """The UserError for a NonFiniteLoss: where the last good checkpoint is (`last`, when it exists), what to do."""
-    good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-    return UserError(f"{error}; {good}; start a new run with a lower optimizer.lr or a longer scheduler.warmup_epochs")
-
-
-def epoch_record(epoch, totals, optimizer, device, world):
-    """A finished epoch's history record: loss and top-1 over all ranks, learning rate, time and speed."""
+def record_epoch(epoch, totals, val, optimizer, device, world, tracker, epochs):
+    """Epoch `epoch`'s history record (loss and top-1 of its `totals` over all ranks, learning rate, speed, and
+    its `val` scores when it was evaluated), also sent to TensorBoard and the log."""
     reduced = reduce_train_totals(totals, device, world)
-    return {"epoch": epoch + 1, "train_loss": reduced["loss"], "train_acc1": reduced["acc1"],
-            "lr": optimizer.param_groups[0]["lr"], "epoch_s": totals.seconds,
-            "img_per_s": totals.count * world.size / max(totals.seconds, 1e-9)}
-
-
-def record_epoch(tracker, record, val, epochs):
-    """`record` (`epoch_record`) with the epoch's `val` scores, sent to TensorBoard and the log; returns it."""
-    epoch = record["epoch"]
+    record = {"epoch": epoch + 1, "train_loss": reduced["loss"], "train_acc1": reduced["acc1"],
+              "lr": optimizer.param_groups[0]["lr"], "epoch_s": totals.seconds,
+              "img_per_s": totals.count * world.size / max(totals.seconds, 1e-9)}
     if val:
         record.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
     tracker.scalars({"train/loss": record["train_loss"], "train/acc1": record["train_acc1"], "lr": record["lr"],
                      "perf/img_per_s": record["img_per_s"], "perf/epoch_s": record["epoch_s"],
                      **({"val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"]} if val else {})},
-                    epoch)
-    log.info(f"epoch {epoch}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc1']:.2f}  "
+                    epoch + 1)
+    log.info(f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc1']:.2f}  "
              + (f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f} acc5 {val['acc5']:.2f}  " if val else "")
              + f"{record['img_per_s']:,.0f} img/s  {record['epoch_s']:.1f}s")
     return record

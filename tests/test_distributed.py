@@ -53,7 +53,7 @@ def test_two_processes_leave_exactly_one_run_directory(ddp_run):
         ".alexnet-ac-run", "config.yaml", "metrics.json", "train.log"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes TensorBoard events
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    # ranks other than 0 got a scratch directory from experiment/checkpoint.py and wrote nothing into it
+    # ranks other than 0 got a scratch directory from experiment/run_dir.py and wrote nothing into it
     assert all(p.is_dir() for p in scratch.rglob("alexnet-ac-*")) and not list(scratch.rglob("alexnet-ac-*/*"))
     # one voice: the console and the log file carry each line once
     log = (run / "train.log").read_text()

@@ -45,14 +45,15 @@ def train(cfg, run_dir, overrides=()):
     `overrides` the command line's Hydra overrides (a resumed run continues with its checkpoint's config and
     takes only trainer.* from them). Runs the same in one process and under torchrun."""
     check_train_config(cfg)
+    device_option = cfg.trainer.device  # this command line's, also when resuming: where this process runs
     cfg, resume = config_to_resume(cfg, overrides)  # the checkpoint to continue from, or None
     tc = cfg.trainer
-    world = init_distributed(select_device(tc.device).type)
+    world = init_distributed(select_device(device_option).type)
     # Whatever ends the run, its DataLoader workers end with it (a sweep runs every job in this process), then
     # the process group
     with ExitStack() as run:
         run.callback(cleanup, world)
-        device = select_device(tc.device, world.local_rank)
+        device = select_device(device_option, world.local_rank)
         run_dir = Path(broadcast_object(str(run_dir), world))
         if world.is_main:  # rank 0 alone writes the run directory; its tracker and saver are idle elsewhere
             claim_run_dir(run_dir, resuming=cfg.resume if resume else None)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from experiment.report import (BANDS_NOTE, METRIC_NAMES, _band_points, _bounds, _by_group, _ci, _mean_std,
-                               _model_order, _per_epoch, _value, _verdict_line, _what, paired_differences)
+from experiment.report import (BANDS_NOTE, METRIC_NAMES, band_points, ci_text, mean_std, metric_value, model_order,
+                               paired_differences, per_epoch, run_label, runs_by_group, value_bounds, verdict_line)
 from experiment.tracking import baseline_of
 
 if TYPE_CHECKING:
@@ -31,9 +31,9 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
     from nets import fuse_model
 
     written = []
-    for dataset, models in _by_group(runs).items():
+    for dataset, models in runs_by_group(runs).items():
         skeletons = {}
-        for model in sorted(models, key=_model_order):
+        for model in sorted(models, key=model_order):
             with_ckpt = [r for _, r in sorted(models[model].items()) if (Path(r["dir"]) / "checkpoints/best.pt").is_file()]
             if with_ckpt:
                 path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
@@ -54,7 +54,7 @@ def pixels(fig: Figure) -> np.ndarray:
 
 def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
     """``"<group> <ac> vs <baseline>"`` -> `verdict_figure`, for every AC model with a baseline in its group."""
-    groups, figures = _by_group(runs), {}
+    groups, figures = runs_by_group(runs), {}
     for pair in paired_differences(runs):
         models = groups[pair["dataset"]]
         not_counted = [u for u in unfinished if u.get("model") in (pair["model"], pair["baseline"])]
@@ -82,9 +82,9 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     for ax in (curves, diff_axes):
         ax.tick_params(labelsize=15)
     for model, seeds, colour in ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange")):
-        table = _per_epoch(seeds, "val_acc1")
-        bands = _band_points([(e, list(table[e].values())) for e in sorted(table)], _bounds("val_acc1"))
-        arm_mean = _mean_std([_value(r, metric) for r in seeds.values()])[0]
+        table = per_epoch(seeds, "val_acc1")
+        bands = band_points([(e, list(table[e].values())) for e in sorted(table)], value_bounds("val_acc1"))
+        arm_mean = mean_std([metric_value(r, metric) for r in seeds.values()])[0]
         label = f"{model} (n={len(seeds)}): {arm_mean:.2f}" + ("" if len(seeds) > 1 else ", one seed: no interval")
         if bands[""]:
             curves.plot(*zip(*bands[""]), color=colour, linewidth=2.5, label=label)
@@ -98,7 +98,7 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     curves.legend(title=f"{METRIC_NAMES[metric]}:", fontsize=15, title_fontsize=15, loc="lower right")
 
     n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
-    diffs = [_value(ac_runs[s], metric) - _value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
+    diffs = [metric_value(ac_runs[s], metric) - metric_value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
     diff_axes.axhline(0.0, color="grey", linewidth=1.5)
     if n:
         diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=60)
@@ -108,7 +108,7 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
                                markersize=40, capsize=14, linewidth=3)
         else:
             diff_axes.plot([0], [mean], "_", color="black", markersize=40)
-        label = f"{mean:+.2f}\n" + (f"95% CI\n{_ci(pair, metric)}" if n > 1 else "one seed:\nno interval")
+        label = f"{mean:+.2f}\n" + (f"95% CI\n{ci_text(pair, metric)}" if n > 1 else "one seed:\nno interval")
         diff_axes.annotate(label, (0, mean), xytext=(28, 0), textcoords="offset points", va="center", fontsize=17)
     diff_axes.set_xticks([0], [f"n={n} pairs"], fontsize=15)
     diff_axes.set_title("AC − baseline, paired", fontsize=17)
@@ -118,8 +118,8 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     notes = [BANDS_NOTE]
     if unfinished:
         notes.append("Not counted, no metrics.json (unfinished): "
-                     + ", ".join(Path(u["dir"]).name + _what(u) for u in unfinished))
-    fig.suptitle(textwrap.fill(_verdict_line(pair), 80),
+                     + ", ".join(Path(u["dir"]).name + run_label(u) for u in unfinished))
+    fig.suptitle(textwrap.fill(verdict_line(pair), 80),
                  fontsize=18, fontweight="bold")
     fig.supxlabel("\n".join(textwrap.fill(note, 130) for note in notes), fontsize=11)
     return fig
@@ -267,7 +267,7 @@ def save_curves(runs: list[dict], path) -> Path:
         for model, seeds in sorted(curves[dataset].items()):
             epochs = sorted(set().union(*seeds))
             values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean, std, _ = np.array([_mean_std(v) for v in values]).T
+            mean, std, _ = np.array([mean_std(v) for v in values]).T
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
             ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
                             alpha=0.2, linewidth=0)  # clipped to possible accuracies

@@ -42,7 +42,7 @@ CURVES = ("val_acc1", "val_loss")
 RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
-def _model_order(model: str) -> tuple[str, bool]:
+def model_order(model: str) -> tuple[str, bool]:
     # Each baseline directly followed by its AC model.
     return (baseline_of(model) or model, baseline_of(model) is not None)
 
@@ -271,7 +271,7 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _mean_std(values) -> tuple[float, float, float]:
+def mean_std(values) -> tuple[float, float, float]:
     """Mean, sample std (ddof=1) and half the width of the 95% Student-t confidence interval of the mean; the
     std and the interval of fewer than two values are undefined, so NaN."""
     values = np.asarray(values, dtype=float)
@@ -283,7 +283,7 @@ def _mean_std(values) -> tuple[float, float, float]:
     return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
 
 
-def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
+def runs_by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     """group (the dataset, see `load_runs`) -> model -> seed -> run."""
     groups = defaultdict(lambda: defaultdict(dict))
     for run in runs:
@@ -291,7 +291,7 @@ def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     return groups
 
 
-def _value(run: dict, metric: str) -> float:
+def metric_value(run: dict, metric: str) -> float:
     value = run.get(metric)
     return math.nan if value is None else value
 
@@ -306,12 +306,13 @@ def unselected_metric(runs) -> str:
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (dataset, model): seeds, mean and sample std of best and final top-1."""
     rows = []
-    for dataset, models in sorted(_by_group(runs).items()):
-        for model in sorted(models, key=_model_order):
+    for dataset, models in sorted(runs_by_group(runs).items()):
+        for model in sorted(models, key=model_order):
             seeds = models[model]
             row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
             for metric in METRICS:
-                row[f"{metric}_mean"], row[f"{metric}_std"], _ = _mean_std([_value(r, metric) for r in seeds.values()])
+                values = [metric_value(r, metric) for r in seeds.values()]
+                row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std(values)
             rows.append(row)
     return rows
 
@@ -323,8 +324,8 @@ def paired_differences(runs: list[dict]) -> list[dict]:
     interval of the mean (NaN with fewer than two pairs). Seeds run in one arm only are listed, not paired.
     """
     rows = []
-    for dataset, models in sorted(_by_group(runs).items()):
-        for model in sorted(models, key=_model_order):
+    for dataset, models in sorted(runs_by_group(runs).items()):
+        for model in sorted(models, key=model_order):
             baseline = baseline_of(model)
             if baseline not in models:
                 continue
@@ -336,7 +337,8 @@ def paired_differences(runs: list[dict]) -> list[dict]:
                    "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys()),
                    "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
-                mean, sd, half = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
+                mean, sd, half = mean_std([metric_value(ac_runs[s], metric) - metric_value(base_runs[s], metric)
+                                           for s in paired])
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
             rows.append(row)
@@ -366,7 +368,7 @@ def _mean_pm_std(mean: float, std: float, signed: bool = False) -> str:
     return _fmt(mean, signed) + ("" if math.isnan(std) else f" ± {std:.2f}")
 
 
-def _ci(pair: dict, metric: str) -> str:
+def ci_text(pair: dict, metric: str) -> str:
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
     if math.isnan(low):
         return "one seed: no interval" if pair["n_pairs"] == 1 else "n/a"
@@ -407,16 +409,16 @@ def render_markdown(summary: list[dict], pairs: list[dict], apart=(), unfinished
                              if seeds) or "none"
         lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
                      + " | ".join(f"{_mean_pm_std(p[f'{m}_diff_mean'], p[f'{m}_diff_std'], signed=True)} | "
-                                  f"{_ci(p, m)}" for m in METRICS) + f" | {unpaired} |")
+                                  f"{ci_text(p, m)}" for m in METRICS) + f" | {unpaired} |")
     lines += ["", "## Verdict", "",
               "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
               "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
               "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
-    lines += [f"- {_verdict_line(p)}" for p in pairs]
+    lines += [f"- {verdict_line(p)}" for p in pairs]
     return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
 
 
-def _verdict_line(pair: dict) -> str:
+def verdict_line(pair: dict) -> str:
     return f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[pair['verdict_metric']]}: {verdict(pair)}"
 
 
@@ -429,7 +431,7 @@ def _apart_lines(apart, unfinished) -> list[str]:
         lines += [f"- {line}" for line in apart]
     if unfinished:
         lines += ["", "## Not counted", ""]
-        lines += [f"- {u['dir']}{_what(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
+        lines += [f"- {u['dir']}{run_label(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
     return lines
 
 
@@ -476,18 +478,18 @@ BANDS_NOTE = ("Bands and intervals: 95% Student-t interval of the mean over seed
               "(accuracy 0 to 100, loss 0 or more); with one seed none is drawn (one seed: no interval).")
 
 
-def _bounds(name: str) -> tuple[float, float]:
+def value_bounds(name: str) -> tuple[float, float]:
     """The values a mean of ``name`` can take: a loss is 0 or more, an accuracy 0 to 100 (percent)."""
     return (0.0, math.inf) if "loss" in name else (0.0, 100.0)
 
 
 def _mean_band(values, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
     """Mean and its 95% Student-t interval (low, high), clipped to ``bounds``; NaN ends with one value."""
-    mean, _, half = _mean_std(values)
+    mean, _, half = mean_std(values)
     return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])  # max/min keep NaN only if NaN first
 
 
-def _band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
+def band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
     """``[(step, values)]`` -> ``{"": [(step, mean)], "_low": [...], "_high": [...]}``; a step with one value has
     a mean and no interval."""
     series = {"": [], "_low": [], "_high": []}
@@ -503,7 +505,7 @@ def _band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[i
     return series
 
 
-def _per_epoch(runs, curve) -> dict[int, dict[int, float]]:
+def per_epoch(runs, curve) -> dict[int, dict[int, float]]:
     """epoch -> seed -> value of ``curve`` in the runs' metrics.json histories (``runs``: seed -> run)."""
     table = defaultdict(dict)
     for seed, run in runs.items():
@@ -543,28 +545,28 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
     ``<group>/<ac> minus <baseline> (n=<pairs> pairs)``: per epoch the paired difference over the seeds both
     arms have at that epoch (``ac_minus_baseline/<curve>``), and the verdict's paired difference
     (``verdict_numbers/ac_minus_baseline_<metric>``, the very numbers of report.md). Every mean over two or more values
-    has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`_bounds`); a single
+    has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`value_bounds`); a single
     value has none."""
     pairs = paired_differences(runs)
     series = {}
-    for group, models in sorted(_by_group(runs).items()):
+    for group, models in sorted(runs_by_group(runs).items()):
         metric = _verdict_metrics(group, models, pairs)
-        for model in sorted(models, key=_model_order):
+        for model in sorted(models, key=model_order):
             seeds = models[model]
             tags = {}
             for curve in CURVES:
-                table = _per_epoch(seeds, curve)
-                tags[f"{MEAN_GROUP}/{curve}"] = _band_points(
-                    [(e, list(table[e].values())) for e in sorted(table)], _bounds(curve))
-            tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = _band_points(
-                [(_last_epoch(seeds.values()), [_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
+                table = per_epoch(seeds, curve)
+                tags[f"{MEAN_GROUP}/{curve}"] = band_points(
+                    [(e, list(table[e].values())) for e in sorted(table)], value_bounds(curve))
+            tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = band_points(
+                [(_last_epoch(seeds.values()), [metric_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
             series[arm_run_name(group, model, len(seeds))] = _flat_tags(tags)
         for p in (p for p in pairs if p["dataset"] == group and p["n_pairs"]):
             ac, base, paired = models[p["model"]], models[p["baseline"]], p["paired_seeds"]
             tags = {}
             for curve in CURVES:
-                own, other = _per_epoch(ac, curve), _per_epoch(base, curve)
-                tags[f"{DIFF_GROUP}/{curve}"] = _band_points(
+                own, other = per_epoch(ac, curve), per_epoch(base, curve)
+                tags[f"{DIFF_GROUP}/{curve}"] = band_points(
                     [(e, [own[e][s] - other[e][s] for s in paired if s in own[e] and s in other[e]])
                      for e in sorted(own.keys() & other.keys())])
             m, step = p["verdict_metric"], _last_epoch([*ac.values(), *base.values()])
@@ -627,7 +629,7 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
     return root
 
 
-def _what(run: dict) -> str:
+def run_label(run: dict) -> str:
     """" (alexnet_ac seed 3)" for an unfinished run whose config.yaml says so, else ""."""
     what = " ".join(str(v) for v in (run.get("model"), run.get("seed") is not None and f"seed {run['seed']}") if v)
     return f" ({what})" if what else ""

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import hydra
 
-from experiment.checkpoint import check_outputs, is_eval_report, load_checkpoint
+from experiment.checkpoint import load_checkpoint
 from experiment.config import EVAL_RULES, check_values
 from experiment.data import checkpoint_test_loader
 from experiment.distributed import World, select_device
 from experiment.errors import UserError, exit_on_user_error
+from experiment.evaluation import evaluate
+from experiment.figures import save_confusion_matrix
 from experiment.models import exact_float32, model_from_checkpoint
-from experiment.report import save_confusion_matrix
-from experiment.training import evaluate
+from experiment.run_dir import check_outputs, is_eval_report
 from experiment.tracking import write_json
 
 log = logging.getLogger("eval")

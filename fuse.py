@@ -16,8 +16,7 @@ from pathlib import Path
 import hydra
 import torch
 
-from experiment.checkpoint import (atomic_write, check_outputs, is_deploy_checkpoint, load_checkpoint,
-                                   save_checkpoint)
+from experiment.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from experiment.complexity import count_macs, count_parameters
 from experiment.config import EVAL_RULES, FUSE_RULES, check_values
 from experiment.data import checkpoint_test_loader
@@ -25,6 +24,7 @@ from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
 from experiment.models import (deploy_checkpoint, export_onnx, logit_difference, model_from_checkpoint,
                                onnx_logit_difference)
+from experiment.run_dir import check_outputs, is_deploy_checkpoint
 from nets import fuse_model
 
 log = logging.getLogger("fuse")

@@ -12,27 +12,23 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-import experiment.checkpoint  # also registers the resolvers configs/train.yaml uses
-from experiment.config import check_train_config
-from experiment.distributed import broadcast_object, cleanup, init_distributed, select_device
 from experiment.errors import exit_on_user_error
+from experiment.run_dir import check_run_dir_argument, register_resolvers
 from experiment.training import train
+
+register_resolvers()  # configs/train.yaml names the run directory and log file with them
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    check_train_config(cfg)
-    world = init_distributed(select_device(cfg.trainer.device).type)
-    try:
-        run_dir = broadcast_object(HydraConfig.get().runtime.output_dir, world)  # rank 0's, for every rank
-        train(cfg, list(HydraConfig.get().overrides.task), world,
-              select_device(cfg.trainer.device, world.local_rank), run_dir)
-    finally:
-        cleanup(world)
+    hydra_cfg = HydraConfig.get()
+    # the command line's overrides as typed (a `${` in one is the run's to resolve, inside its checks)
+    train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_container(hydra_cfg.overrides.task))
 
 
 if __name__ == "__main__":
-    experiment.checkpoint.check_run_dir_argument(sys.argv[1:])
+    check_run_dir_argument(sys.argv[1:])
     main()

@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiment.checkpoint import check_outputs
 from experiment.config import COMPILE_MODES
 from experiment.distributed import select_device
-from experiment.errors import UserError, exit_on_user_error
 from experiment.data import DeviceLoader
+from experiment.errors import UserError, exit_on_user_error
+from experiment.evaluation import autocast_context
 from experiment.models import build_model, logit_difference
 from experiment.optim import build_optimizer, build_scheduler
+from experiment.run_dir import check_outputs
 from experiment.tracking import write_json
-from experiment.training import autocast_context, train_one_epoch
+from experiment.training import train_one_epoch
 from nets import fuse_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

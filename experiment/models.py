@@ -9,7 +9,6 @@ import copy
 import logging
 
 import torch
-from omegaconf import OmegaConf
 
 from nets import AlexNetOptions, acify
 
@@ -17,7 +16,6 @@ from experiment.errors import UserError, choose
 
 
 MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES below)
-OmegaConf.register_new_resolver("model_run_name", lambda arch, ac: f"{arch}_ac" if ac else arch, replace=True)
 
 
 def torchvision_builders():

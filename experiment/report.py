@@ -10,11 +10,7 @@ report in TensorBoard (see `write_tensorboard`): its text, a verdict figure per 
 over seeds with its 95% band. Where runs kept checkpoints/best.pt, it also draws kernel_skeleton_<dataset>.png:
 the kernel skeleton of each model after fusion (of its lowest seed), baseline and AC side by side.
 
-The figures (confusion matrix, kernel skeleton, validation curves) are built as bare
-``matplotlib.figure.Figure`` objects on an Agg canvas instead of through pyplot: nothing switches the global
-backend (a user's notebook keeps its own), nothing needs a display, and no figure is left registered in
-pyplot's global list, so saved figures need no close. matplotlib and torch are imported inside the functions,
-so importing this module stays cheap (the report reads JSON only and never needs torch).
+The figures are drawn by experiment/figures.py; this module is the statistics and the command line.
 """
 from __future__ import annotations
 
@@ -28,18 +24,12 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats
 
 from experiment.errors import UserError
 from experiment.tracking import VERDICT_GROUP, VERDICT_NUMBERS_GROUP, baseline_of, tensorboard_url
-
-if TYPE_CHECKING:
-    import torch
-    from matplotlib.figure import Figure
-
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +42,7 @@ CURVES = ("val_acc1", "val_loss")
 RUN_DIR_MARKERS = ("checkpoints", "config.yaml")
 
 
-def _model_order(model: str) -> tuple[str, bool]:
+def model_order(model: str) -> tuple[str, bool]:
     # Each baseline directly followed by its AC model.
     return (baseline_of(model) or model, baseline_of(model) is not None)
 
@@ -281,7 +271,7 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _mean_std(values) -> tuple[float, float, float]:
+def mean_std(values) -> tuple[float, float, float]:
     """Mean, sample std (ddof=1) and half the width of the 95% Student-t confidence interval of the mean; the
     std and the interval of fewer than two values are undefined, so NaN."""
     values = np.asarray(values, dtype=float)
@@ -293,7 +283,7 @@ def _mean_std(values) -> tuple[float, float, float]:
     return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
 
 
-def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
+def runs_by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     """group (the dataset, see `load_runs`) -> model -> seed -> run."""
     groups = defaultdict(lambda: defaultdict(dict))
     for run in runs:
@@ -301,7 +291,7 @@ def _by_group(runs) -> dict[str, dict[str, dict[int, dict]]]:
     return groups
 
 
-def _value(run: dict, metric: str) -> float:
+def metric_value(run: dict, metric: str) -> float:
     value = run.get(metric)
     return math.nan if value is None else value
 
@@ -316,12 +306,13 @@ def unselected_metric(runs) -> str:
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (dataset, model): seeds, mean and sample std of best and final top-1."""
     rows = []
-    for dataset, models in sorted(_by_group(runs).items()):
-        for model in sorted(models, key=_model_order):
+    for dataset, models in sorted(runs_by_group(runs).items()):
+        for model in sorted(models, key=model_order):
             seeds = models[model]
             row = {"dataset": dataset, "model": model, "n_seeds": len(seeds), "seeds": sorted(seeds)}
             for metric in METRICS:
-                row[f"{metric}_mean"], row[f"{metric}_std"], _ = _mean_std([_value(r, metric) for r in seeds.values()])
+                values = [metric_value(r, metric) for r in seeds.values()]
+                row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std(values)
             rows.append(row)
     return rows
 
@@ -333,8 +324,8 @@ def paired_differences(runs: list[dict]) -> list[dict]:
     interval of the mean (NaN with fewer than two pairs). Seeds run in one arm only are listed, not paired.
     """
     rows = []
-    for dataset, models in sorted(_by_group(runs).items()):
-        for model in sorted(models, key=_model_order):
+    for dataset, models in sorted(runs_by_group(runs).items()):
+        for model in sorted(models, key=model_order):
             baseline = baseline_of(model)
             if baseline not in models:
                 continue
@@ -346,7 +337,8 @@ def paired_differences(runs: list[dict]) -> list[dict]:
                    "unpaired_baseline_seeds": sorted(base_runs.keys() - ac_runs.keys()),
                    "verdict_metric": unselected_metric([*ac_runs.values(), *base_runs.values()])}
             for metric in METRICS:
-                mean, sd, half = _mean_std([_value(ac_runs[s], metric) - _value(base_runs[s], metric) for s in paired])
+                mean, sd, half = mean_std([metric_value(ac_runs[s], metric) - metric_value(base_runs[s], metric)
+                                           for s in paired])
                 row.update({f"{metric}_diff_mean": mean, f"{metric}_diff_std": sd,
                             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half})
             rows.append(row)
@@ -376,7 +368,7 @@ def _mean_pm_std(mean: float, std: float, signed: bool = False) -> str:
     return _fmt(mean, signed) + ("" if math.isnan(std) else f" ± {std:.2f}")
 
 
-def _ci(pair: dict, metric: str) -> str:
+def ci_text(pair: dict, metric: str) -> str:
     low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
     if math.isnan(low):
         return "one seed: no interval" if pair["n_pairs"] == 1 else "n/a"
@@ -417,16 +409,16 @@ def render_markdown(summary: list[dict], pairs: list[dict], apart=(), unfinished
                              if seeds) or "none"
         lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
                      + " | ".join(f"{_mean_pm_std(p[f'{m}_diff_mean'], p[f'{m}_diff_std'], signed=True)} | "
-                                  f"{_ci(p, m)}" for m in METRICS) + f" | {unpaired} |")
+                                  f"{ci_text(p, m)}" for m in METRICS) + f" | {unpaired} |")
     lines += ["", "## Verdict", "",
               "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
               "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
               "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
-    lines += [f"- {_verdict_line(p)}" for p in pairs]
+    lines += [f"- {verdict_line(p)}" for p in pairs]
     return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
 
 
-def _verdict_line(pair: dict) -> str:
+def verdict_line(pair: dict) -> str:
     return f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[pair['verdict_metric']]}: {verdict(pair)}"
 
 
@@ -439,7 +431,7 @@ def _apart_lines(apart, unfinished) -> list[str]:
         lines += [f"- {line}" for line in apart]
     if unfinished:
         lines += ["", "## Not counted", ""]
-        lines += [f"- {u['dir']}{_what(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
+        lines += [f"- {u['dir']}{run_label(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
     return lines
 
 
@@ -470,30 +462,12 @@ def write_report(runs: list[dict], out, unfinished=()) -> str:
     markdown = render_markdown(summary, pairs, recipe_differences(runs), unfinished)
     (out / "report.md").write_text(markdown)
     write_csv(summary, pairs, out / "report.csv")
+    from experiment.figures import save_curves, save_skeletons  # matplotlib and torch only when drawing
+
     save_curves(runs, out / "val_acc1_curves.png")
     save_skeletons(runs, out)
     write_tensorboard(runs, out, markdown, unfinished)
     return markdown
-
-
-def save_skeletons(runs: list[dict], out) -> list[Path]:
-    """kernel_skeleton_<dataset>.png per dataset whose runs kept a best.pt: one row per model (lowest seed)."""
-    from experiment.checkpoint import load_checkpoint
-    from experiment.models import model_from_checkpoint
-    from nets import fuse_model
-
-    written = []
-    for dataset, models in _by_group(runs).items():
-        skeletons = {}
-        for model in sorted(models, key=_model_order):
-            with_ckpt = [r for _, r in sorted(models[model].items()) if (Path(r["dir"]) / "checkpoints/best.pt").is_file()]
-            if with_ckpt:
-                path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
-                fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
-                skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
-        if any(skeletons.values()):  # none for networks without square KxK convs (K > 1)
-            written.append(save_kernel_skeleton(skeletons, Path(out) / f"kernel_skeleton_{dataset}.png"))
-    return written
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -504,18 +478,18 @@ BANDS_NOTE = ("Bands and intervals: 95% Student-t interval of the mean over seed
               "(accuracy 0 to 100, loss 0 or more); with one seed none is drawn (one seed: no interval).")
 
 
-def _bounds(name: str) -> tuple[float, float]:
+def value_bounds(name: str) -> tuple[float, float]:
     """The values a mean of ``name`` can take: a loss is 0 or more, an accuracy 0 to 100 (percent)."""
     return (0.0, math.inf) if "loss" in name else (0.0, 100.0)
 
 
 def _mean_band(values, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
     """Mean and its 95% Student-t interval (low, high), clipped to ``bounds``; NaN ends with one value."""
-    mean, _, half = _mean_std(values)
+    mean, _, half = mean_std(values)
     return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])  # max/min keep NaN only if NaN first
 
 
-def _band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
+def band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
     """``[(step, values)]`` -> ``{"": [(step, mean)], "_low": [...], "_high": [...]}``; a step with one value has
     a mean and no interval."""
     series = {"": [], "_low": [], "_high": []}
@@ -531,7 +505,7 @@ def _band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[i
     return series
 
 
-def _per_epoch(runs, curve) -> dict[int, dict[int, float]]:
+def per_epoch(runs, curve) -> dict[int, dict[int, float]]:
     """epoch -> seed -> value of ``curve`` in the runs' metrics.json histories (``runs``: seed -> run)."""
     table = defaultdict(dict)
     for seed, run in runs.items():
@@ -571,28 +545,28 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
     ``<group>/<ac> minus <baseline> (n=<pairs> pairs)``: per epoch the paired difference over the seeds both
     arms have at that epoch (``ac_minus_baseline/<curve>``), and the verdict's paired difference
     (``verdict_numbers/ac_minus_baseline_<metric>``, the very numbers of report.md). Every mean over two or more values
-    has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`_bounds`); a single
+    has ``_low`` and ``_high``, its 95% interval, a mean's clipped to the possible values (`value_bounds`); a single
     value has none."""
     pairs = paired_differences(runs)
     series = {}
-    for group, models in sorted(_by_group(runs).items()):
+    for group, models in sorted(runs_by_group(runs).items()):
         metric = _verdict_metrics(group, models, pairs)
-        for model in sorted(models, key=_model_order):
+        for model in sorted(models, key=model_order):
             seeds = models[model]
             tags = {}
             for curve in CURVES:
-                table = _per_epoch(seeds, curve)
-                tags[f"{MEAN_GROUP}/{curve}"] = _band_points(
-                    [(e, list(table[e].values())) for e in sorted(table)], _bounds(curve))
-            tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = _band_points(
-                [(_last_epoch(seeds.values()), [_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
+                table = per_epoch(seeds, curve)
+                tags[f"{MEAN_GROUP}/{curve}"] = band_points(
+                    [(e, list(table[e].values())) for e in sorted(table)], value_bounds(curve))
+            tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = band_points(
+                [(_last_epoch(seeds.values()), [metric_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
             series[arm_run_name(group, model, len(seeds))] = _flat_tags(tags)
         for p in (p for p in pairs if p["dataset"] == group and p["n_pairs"]):
             ac, base, paired = models[p["model"]], models[p["baseline"]], p["paired_seeds"]
             tags = {}
             for curve in CURVES:
-                own, other = _per_epoch(ac, curve), _per_epoch(base, curve)
-                tags[f"{DIFF_GROUP}/{curve}"] = _band_points(
+                own, other = per_epoch(ac, curve), per_epoch(base, curve)
+                tags[f"{DIFF_GROUP}/{curve}"] = band_points(
                     [(e, [own[e][s] - other[e][s] for s in paired if s in own[e] and s in other[e]])
                      for e in sorted(own.keys() & other.keys())])
             m, step = p["verdict_metric"], _last_epoch([*ac.values(), *base.values()])
@@ -631,6 +605,8 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
     replaced. Returns out/tensorboard."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from experiment.figures import pixels, verdict_figures
+
     root = Path(out) / TENSORBOARD_DIR
     # only where this function writes: the verdict run at depth 1, the arms and differences at depth 2
     for old in sorted([*root.glob("*/events.out.tfevents.*"), *root.glob("*/*/events.out.tfevents.*")]):
@@ -644,7 +620,7 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
         if markdown:
             writer.add_text(VERDICT_GROUP, markdown + "\n" + BANDS_NOTE + "\n")
         for name, fig in verdict_figures(runs, unfinished).items():
-            writer.add_image(f"{VERDICT_GROUP}/{name}", _pixels(fig), 0, dataformats="HWC")
+            writer.add_image(f"{VERDICT_GROUP}/{name}", pixels(fig), 0, dataformats="HWC")
     for name, tags in sweep_series(runs).items():
         with SummaryWriter(log_dir=str(_inside(root, name))) as writer:
             for tag, points in tags.items():
@@ -653,85 +629,7 @@ def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) 
     return root
 
 
-def _pixels(fig: Figure) -> np.ndarray:
-    """The figure drawn as an (H, W, 3) uint8 array for ``add_image``."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
-    """``"<group> <ac> vs <baseline>"`` -> `verdict_figure`, for every AC model with a baseline in its group."""
-    groups, figures = _by_group(runs), {}
-    for pair in paired_differences(runs):
-        models = groups[pair["dataset"]]
-        not_counted = [u for u in unfinished if u.get("model") in (pair["model"], pair["baseline"])]
-        figures[f"{pair['dataset']} {pair['model']} vs {pair['baseline']}"] = verdict_figure(
-            pair, models[pair["baseline"]], models[pair["model"]], not_counted)
-    return figures
-
-
-def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()) -> Figure:
-    """The report's verdict for one AC model, drawn: each arm's validation top-1 per epoch (mean over seeds and
-    its 95% band; the legend gives n and the arm's mean of the verdict metric) and the paired difference AC −
-    baseline in the verdict metric (each pair, and the mean with the 95% CI of report.md), titled with the
-    verdict. Bands are clipped to possible values; one seed gets none ("one seed: no interval").
-
-    Wide, short and in large type: TensorBoard's Time Series shows an image card about 450 pixels wide, and the
-    figure must read there."""
-    import textwrap
-
-    from matplotlib.ticker import MaxNLocator
-
-    metric = pair["verdict_metric"]
-    fig = _new_figure(figsize=(12.0, 5.4), dpi=75, layout="constrained")
-    curves, diff_axes = fig.subplots(1, 2, width_ratios=[1.6, 1.0])
-    for ax in (curves, diff_axes):
-        ax.tick_params(labelsize=15)
-    for model, seeds, colour in ((pair["baseline"], baseline_runs, "tab:blue"), (pair["model"], ac_runs, "tab:orange")):
-        table = _per_epoch(seeds, "val_acc1")
-        bands = _band_points([(e, list(table[e].values())) for e in sorted(table)], _bounds("val_acc1"))
-        arm_mean = _mean_std([_value(r, metric) for r in seeds.values()])[0]
-        label = f"{model} (n={len(seeds)}): {arm_mean:.2f}" + ("" if len(seeds) > 1 else ", one seed: no interval")
-        if bands[""]:
-            curves.plot(*zip(*bands[""]), color=colour, linewidth=2.5, label=label)
-        if bands["_low"]:
-            (epochs, low), (_, high) = zip(*bands["_low"]), zip(*bands["_high"])
-            curves.fill_between(epochs, low, high, color=colour, alpha=0.25, linewidth=0)
-    curves.set_title("validation top-1 per epoch, 95% band", fontsize=17)
-    curves.set_xlabel("epoch", fontsize=16)
-    curves.set_ylabel("top-1 (%)", fontsize=16)
-    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.legend(title=f"{METRIC_NAMES[metric]}:", fontsize=15, title_fontsize=15, loc="lower right")
-
-    n, mean = pair["n_pairs"], pair[f"{metric}_diff_mean"]
-    diffs = [_value(ac_runs[s], metric) - _value(baseline_runs[s], metric) for s in pair["paired_seeds"]]
-    diff_axes.axhline(0.0, color="grey", linewidth=1.5)
-    if n:
-        diff_axes.scatter([0] * n, diffs, color="black", alpha=0.5, s=60)
-        if n > 1:
-            low, high = pair[f"{metric}_ci_low"], pair[f"{metric}_ci_high"]
-            diff_axes.errorbar([0], [mean], yerr=[[mean - low], [high - mean]], fmt="_", color="black",
-                               markersize=40, capsize=14, linewidth=3)
-        else:
-            diff_axes.plot([0], [mean], "_", color="black", markersize=40)
-        label = f"{mean:+.2f}\n" + (f"95% CI\n{_ci(pair, metric)}" if n > 1 else "one seed:\nno interval")
-        diff_axes.annotate(label, (0, mean), xytext=(28, 0), textcoords="offset points", va="center", fontsize=17)
-    diff_axes.set_xticks([0], [f"n={n} pairs"], fontsize=15)
-    diff_axes.set_title("AC − baseline, paired", fontsize=17)
-    diff_axes.set_ylabel("points", fontsize=16)
-    diff_axes.set_xlim(-0.5, 1.6)
-
-    notes = [BANDS_NOTE]
-    if unfinished:
-        notes.append("Not counted, no metrics.json (unfinished): "
-                     + ", ".join(Path(u["dir"]).name + _what(u) for u in unfinished))
-    fig.suptitle(textwrap.fill(_verdict_line(pair), 80),
-                 fontsize=18, fontweight="bold")
-    fig.supxlabel("\n".join(textwrap.fill(note, 130) for note in notes), fontsize=11)
-    return fig
-
-
-def _what(run: dict) -> str:
+def run_label(run: dict) -> str:
     """" (alexnet_ac seed 3)" for an unfinished run whose config.yaml says so, else ""."""
     what = " ".join(str(v) for v in (run.get("model"), run.get("seed") is not None and f"seed {run['seed']}") if v)
     return f" ({what})" if what else ""
@@ -756,149 +654,6 @@ def main(argv=None) -> int:
           f"runs ({TENSORBOARD_DIR}/) to {out}; view: tensorboard --logdir {out} --host 127.0.0.1, then open "
           f"{tensorboard_url(run['model'] for run in runs)}", file=sys.stderr)
     return 0
-
-
-def _new_figure(**kwargs) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path) -> Path:
-    from experiment.checkpoint import atomic_write
-
-    path = Path(path)
-    return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120,
-                                                    bbox_inches="tight"), what="figure")
-
-
-def save_confusion_matrix(matrix, class_names, path) -> Path:
-    """Heat map of a (C, C) count matrix (rows = true class, columns = predicted) as a PNG.
-
-    Colour is the row-normalised fraction, so rare classes are as readable as common ones; the raw
-    counts are written in the cells when C <= 20 (beyond that they would not fit).
-    """
-    counts = matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix)
-    n = len(class_names)
-    if counts.shape != (n, n):
-        raise ValueError(f"confusion matrix has shape {counts.shape}, expected ({n}, {n}) for {n} class names")
-    row_sums = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
-
-    side = max(4.0, 0.45 * n + 2.0)
-    fig = _new_figure(figsize=(side + 1.0, side))
-    ax = fig.subplots()
-    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, label="fraction of true class")
-    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=class_names)
-    ax.set(xlabel="predicted class", ylabel="true class")
-    if n <= 20:
-        for i, j in np.ndindex(n, n):
-            ax.text(j, i, f"{counts[i, j]:g}", ha="center", va="center", fontsize=8,
-                    color="white" if fractions[i, j] > 0.5 else "black")
-    return _save(fig, path)
-
-
-def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Mean |weight| at each KxK kernel position of every square Conv2d with K > 1, max scaled to 1.
-
-    Meant for a deploy (fused) model, where each ACB is one plain KxK conv: on a training-form ACB
-    only its square branch would be seen. The model is only read, never modified.
-    """
-    import torch
-
-    skeletons = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1] != 1:
-            magnitude = module.weight.detach().abs().mean(dim=(0, 1)).float().cpu()
-            peak = magnitude.max()
-            # An all-zero layer stays all zero rather than turning into NaN.
-            skeletons.append((name, magnitude / peak if peak > 0 else magnitude))
-    return skeletons
-
-
-def _spread(layers: list, count: int) -> list:
-    """`count` layers evenly spread from the first to the last (all of them when there are no more)."""
-    if len(layers) <= count:
-        return layers
-    return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
-
-
-def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], max_layers: int = 16,
-                           layers_per_row: int | None = None) -> Figure:
-    """One row per model label, one heat map per layer, one colour scale 0..1 for all of them.
-
-    A deep network (DenseNet-121 has 58 3x3 convs) shows `max_layers` of its layers, evenly spread.
-    With ``layers_per_row`` each model's layers wrap onto rows of that many, at a larger type size: a
-    compact figure whose labels stay readable when TensorBoard shrinks it to its card width.
-
-    The returned Figure can be saved or passed to TensorBoard's ``SummaryWriter.add_figure``.
-    """
-    skeletons = {label: _spread(layers, max_layers) for label, layers in skeletons.items()}
-    layers = max((len(layers) for layers in skeletons.values()), default=0)
-    if not skeletons or layers == 0:
-        raise ValueError("no kernel skeletons to draw: pass at least one model with a square KxK conv (K > 1)")
-    cols = min(layers, layers_per_row or layers)
-    rows_per_model = math.ceil(layers / cols)
-    rows = len(skeletons) * rows_per_model
-    font = 8 if layers_per_row is None else 11
-    fig = _new_figure(figsize=(1.8 * cols + 1.2, 1.9 * rows), dpi=100, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for index, (label, model_layers) in enumerate(skeletons.items()):
-        model_axes = axes[index * rows_per_model:(index + 1) * rows_per_model].flat
-        for ax, (layer, skeleton) in zip(model_axes, model_layers):
-            image = ax.imshow(np.asarray(skeleton), cmap="magma", vmin=0.0, vmax=1.0)
-            ax.set_title(layer, fontsize=font)
-            ax.set_axis_on()
-            ax.set(xticks=[], yticks=[])
-        axes[index * rows_per_model, 0].set_ylabel(label, fontsize=font + 1)
-    colorbar = fig.colorbar(image, ax=axes, shrink=0.8)
-    colorbar.ax.tick_params(labelsize=font)
-    colorbar.set_label("mean |w|, layer max = 1", fontsize=font)
-    return fig
-
-
-def save_kernel_skeleton(skeletons: dict[str, list[tuple[str, torch.Tensor]]], path) -> Path:
-    """Write ``kernel_skeleton_figure(skeletons)`` as a PNG and return the path."""
-    return _save(kernel_skeleton_figure(skeletons), path)
-
-
-def save_curves(runs: list[dict], path) -> Path:
-    """Validation top-1 per epoch: mean line and ±1 std band per (dataset, model), one panel per dataset.
-
-    ``runs`` are metrics.json dicts. Epochs are aligned by number, so a run with fewer epochs only
-    contributes where it has data; the band needs two runs (sample std) and is absent otherwise.
-    """
-    curves = defaultdict(lambda: defaultdict(list))  # dataset -> model -> [{epoch: val_acc1}]
-    for run in runs:
-        points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if h.get("val_acc1") is not None}
-        if points:
-            curves[run.get("group", run["dataset"])][run["model"]].append(points)
-    datasets = sorted({run.get("group", run["dataset"]) for run in runs})
-
-    fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
-    axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
-    for ax, dataset in zip(axes, datasets):
-        ax.set(title=dataset, xlabel="epoch", ylabel="validation top-1 (%)")
-        if not curves[dataset]:
-            ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
-            continue
-        for model, seeds in sorted(curves[dataset].items()):
-            epochs = sorted(set().union(*seeds))
-            values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean, std, _ = np.array([_mean_std(v) for v in values]).T
-            (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
-            ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
-                            alpha=0.2, linewidth=0)  # clipped to possible accuracies
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 if __name__ == "__main__":

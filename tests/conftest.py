@@ -1,5 +1,5 @@
-"""Shared helpers: run the entry points as a user would, either inside the test process (`run_main`: the
-entry point's own `main` on a config composed by Hydra, the way `python <script>` would compose it) or, where a
+"""Shared helpers: run the entry points as a user would, either inside the test process (`run_main`: the run
+called directly on a config composed by Hydra's public API, the way `python <script>` would compose it) or, where a
 process boundary is what is tested (exit on a signal, torchrun, Hydra's own command-line errors), in a real
 subprocess from the repository root (`run_script`, `start_script`)."""
 import atexit
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
+
+from experiment.run_dir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,8 @@ TINY = ["experiment=tiny"]
 # shared CPU machine several PyTorch thread pools spinning at once make each step many times slower, and the
 # thread count fixes the float summation order that exact-resume comparisons depend on.
 torch.set_num_threads(1)
+
+register_resolvers()  # as train.py does: the tests compose configs/train.yaml, whose run directory uses them
 
 # Decoded image folders are cached under $XDG_CACHE_HOME (experiment/folder_cache.py): the tests', and the entry
 # points they start, go to a folder of their own, not the user's ~/.cache.
@@ -109,37 +112,42 @@ def compose_main(script, *overrides):
 
 def run_main(script, *overrides, check=True, composed=None):
     """`python <script> <overrides>` inside this process, for the tests where no process boundary is under
-    test: Hydra composes the script's config from the same overrides (or `composed` is that config, from
-    `compose_main`), the run directory is resolved, created and logged to as Hydra's launcher does it, and the
-    script's own `main` (with its error handling) runs on the config. Returns a CompletedProcess: the exit
-    status (0, or that of the SystemExit `main` raised), the console log as stdout, what was printed to stderr.
-    Overrides must be ones a single run accepts (no -m)."""
+    test. Hydra composes the script's config from the same overrides with its public API (`compose`), or
+    `composed` is that config, from `compose_main`; the console log and the run's log file are set up from its
+    job_logging config, and the run itself is called directly on the config without its `hydra` section:
+    train.py's `experiment.training.train(cfg, run_dir, overrides)`, eval.py's and fuse.py's `main` (a config
+    handed to a @hydra.main function goes straight to it), each with the script's error handling. Returns a
+    CompletedProcess: the exit status (0, or that of the SystemExit the run raised), the console log as stdout,
+    what was printed to stderr. Overrides must be ones a single run accepts (no -m)."""
+    from experiment.errors import exit_on_user_error
+    from experiment.run_dir import CLAIM, release_run_dir
+    from experiment.training import train
+
     overrides = list(map(str, overrides))
     main = _entry_point(script)
     stdout, stderr = io.StringIO(), io.StringIO()
-    root, handlers, returncode = logging.getLogger(), [], 0
+    root, handlers, returncode, run_dir = logging.getLogger(), [], 0, None
     saved = root.handlers[:], root.level, signal.getsignal(signal.SIGINT)
     try:
-        # Hydra stays set up while `main` runs, as under @hydra.main (library code may compose a config group)
+        # Hydra stays set up while the run goes on, as under @hydra.main (library code may compose a config group)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), _hydra(script):
             try:
                 cfg = composed if composed is not None else compose(
                     config_name=Path(script).stem, overrides=overrides, return_hydra_config=True)
-                # as hydra.core.utils.run_job: resolve the run directory, then hand the task the config without
-                # its `hydra` section
-                HydraConfig.instance().set_config(cfg)
-                output_dir = str(cfg.hydra.run.dir)
+                run_dir = Path(cfg.hydra.run.dir).absolute()  # resolved here, as `python <script>` resolves it
                 with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-                    cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
-                HydraConfig.instance().set_config(cfg)
-                task_cfg = copy.deepcopy(cfg)
-                with read_write(task_cfg), open_dict(task_cfg):
-                    del task_cfg["hydra"]
-                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                    cfg.hydra.runtime.output_dir = str(run_dir)  # what the run's log file is named after
+                run_dir.mkdir(parents=True, exist_ok=True)
                 handlers, level = _log_handlers(cfg.hydra.job_logging, stdout)
                 root.handlers[:] = handlers
                 root.setLevel(level)
-                main(task_cfg)
+                task_cfg = copy.deepcopy(cfg)
+                with read_write(task_cfg), open_dict(task_cfg):
+                    del task_cfg["hydra"]
+                if Path(script).stem == "train":
+                    exit_on_user_error(train)(task_cfg, str(run_dir), OmegaConf.to_container(cfg.hydra.overrides.task))
+                else:
+                    main(task_cfg)
             except SystemExit as e:
                 returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
@@ -148,13 +156,8 @@ def run_main(script, *overrides, check=True, composed=None):
         root.handlers[:], level, handler = saved
         root.setLevel(level)
         signal.signal(signal.SIGINT, handler)
-        HydraConfig.instance().cfg = None
-        # the run directory's claim goes when train.py's process ends; here the run ends instead
-        from experiment.checkpoint import CLAIM, release_run_dir
-
-        if "cfg" in locals() and Path(script).stem == "train":
-            with contextlib.suppress(Exception):
-                release_run_dir(Path(cfg.hydra.runtime.output_dir) / CLAIM)
+        if run_dir is not None and Path(script).stem == "train":  # a claim goes when train.py's process ends;
+            release_run_dir(run_dir / CLAIM)  # here the run ends instead
     proc = subprocess.CompletedProcess([script, *overrides], returncode, stdout.getvalue(), stderr.getvalue())
     if check and returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} exited {returncode}\n"

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiment import checkpoint  # noqa: E402,F401  (registers the resolvers configs/train.yaml uses)
+from experiment.run_dir import register_resolvers  # noqa: E402
 from experiment.data import build_loaders, load_dataset  # noqa: E402
 from experiment.distributed import all_reduce_sum, cleanup, init_distributed, select_device, wrap_ddp  # noqa: E402
 from experiment.models import build_model  # noqa: E402
@@ -27,6 +27,7 @@ from experiment.optim import build_optimizer  # noqa: E402
 def first_step(overrides, chunks=1):
     """Rank 0: {"loss", "grads", "params", "batch"} after one step on the first global batch; None elsewhere.
     `chunks` > 1 computes BatchNorm statistics per chunk of the batch, as DDP ranks without SyncBatchNorm do."""
+    register_resolvers()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     # float32 throughout, so that only the order of summation differs between the runs

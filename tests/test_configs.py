@@ -1,5 +1,7 @@
 """Every config composes, builds what it names, and documents each option."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,6 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import experiment.checkpoint  # noqa: F401  (registers the resolvers train.yaml uses)
 from conftest import ROOT, TINY, compose_main, run_main
 from experiment.models import build_model
 from experiment.optim import build_optimizer, build_scheduler, lr_factor
@@ -151,3 +152,20 @@ def test_every_option_carries_a_comment():
             if is_option and not in_hydra_section and "#" not in line and not line.strip().startswith("- "):
                 missing.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not missing, "options without a comment:\n" + "\n".join(missing)
+
+
+def test_resolvers_are_registered_by_the_entry_point_and_eval_and_fuse_load_no_training_code():
+    """Importing experiment/ registers no OmegaConf resolver (train.py calls register_resolvers); eval.py and
+    fuse.py load neither the training module nor train.py's resolvers."""
+    names = ("run_dir", "log_file", "model_run_name")
+    code = ("import runpy, sys\nfrom omegaconf import OmegaConf\n"
+            "import experiment.checkpoint, experiment.models, experiment.run_dir, experiment.data\n"
+            f"print([OmegaConf.has_resolver(n) for n in {names!r}])\n"
+            "for script in ('eval.py', 'fuse.py'):\n"
+            "    runpy.run_path(script, run_name='loaded')\n"
+            f"print('experiment.training' in sys.modules, [OmegaConf.has_resolver(n) for n in {names!r}])\n"
+            "runpy.run_path('train.py', run_name='loaded')\n"
+            f"print([OmegaConf.has_resolver(n) for n in {names!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["[False, False, False]", "False [False, False, False]", "[True, True, True]"]

@@ -94,3 +94,28 @@ def test_changing_the_recipe_is_refused():
     cfg = OmegaConf.merge(command_line(), {"optimizer": {"lr": 0.2}})
     with pytest.raises(UserError, match=r"optimizer.lr=0.2 differs from the run being resumed \(optimizer.lr was 0.1\)"):
         resumed_config(cfg, STORED, ["optimizer.lr=0.2"])
+
+
+def test_train_runs_on_a_config_composed_by_hydra(tmp_path):
+    """`train(cfg, run_dir)` called directly on a config Hydra's public API composes, as train.py calls it:
+    the run directory is claimed and marked, and holds its config, checkpoints and metrics."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from experiment.run_dir import CLAIM, RUN_MARKER, release_run_dir
+    from experiment.training import train
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=tiny", "trainer.epochs=1"])
+    run_dir = tmp_path / "run"
+    try:
+        train(cfg, run_dir)
+    finally:
+        release_run_dir(run_dir / CLAIM)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["epochs"], [h["epoch"] for h in metrics["history"]]) == (1, [1])
+    assert metrics["best_acc1"] == metrics["history"][0]["val_acc1"]
+    assert (run_dir / RUN_MARKER).is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.epochs == 1

@@ -98,9 +98,13 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     ckpt["config"]["trainer"]["epochs"] = 3  # as if the 2-process run had been stopped after epoch 2 of 3
     torch.save(ckpt, copy / "checkpoints" / "last.pt")
-    proc = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}")
+    # a checkpoint copied out of its run continues in a new folder, not in the one it was copied to
+    refused = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}", check=False)
+    assert refused.returncode == 2 and "pass hydra.run.dir=<a new folder>" in refused.stderr
+    continued = tmp_path / "continued"
+    proc = run_script("train.py", f"resume={copy / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={continued}")
     assert "1 process(es)" in proc.stdout
-    metrics = read_metrics(copy)
+    metrics = read_metrics(continued)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     # only last.pt was copied: best.pt, picked on the validation split, cannot be scored, and says so
     assert metrics["test_acc1"] is None and "best.pt is missing" in proc.stderr + proc.stdout

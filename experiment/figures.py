@@ -44,12 +44,10 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
     return written
 
 
-
 def pixels(fig: Figure) -> np.ndarray:
     """The figure drawn as an (H, W, 3) uint8 array for ``add_image``."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
 
 
 def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
@@ -61,7 +59,6 @@ def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
         figures[f"{pair['dataset']} {pair['model']} vs {pair['baseline']}"] = verdict_figure(
             pair, models[pair["baseline"]], models[pair["model"]], not_counted)
     return figures
-
 
 
 def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()) -> Figure:
@@ -119,11 +116,9 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     if unfinished:
         notes.append("Not counted, no metrics.json (unfinished): "
                      + ", ".join(Path(u["dir"]).name + run_label(u) for u in unfinished))
-    fig.suptitle(textwrap.fill(verdict_line(pair), 80),
-                 fontsize=18, fontweight="bold")
+    fig.suptitle(textwrap.fill(verdict_line(pair), 80), fontsize=18, fontweight="bold")
     fig.supxlabel("\n".join(textwrap.fill(note, 130) for note in notes), fontsize=11)
     return fig
-
 
 
 def _new_figure(**kwargs) -> Figure:
@@ -135,14 +130,12 @@ def _new_figure(**kwargs) -> Figure:
     return fig
 
 
-
 def _save(fig: Figure, path) -> Path:
     from experiment.checkpoint import atomic_write
 
     path = Path(path)
     return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120,
                                                     bbox_inches="tight"), what="figure")
-
 
 
 def save_confusion_matrix(matrix, class_names, path) -> Path:
@@ -173,7 +166,6 @@ def save_confusion_matrix(matrix, class_names, path) -> Path:
     return _save(fig, path)
 
 
-
 def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Mean |weight| at each KxK kernel position of every square Conv2d with K > 1, max scaled to 1.
 
@@ -192,13 +184,11 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return skeletons
 
 
-
 def _spread(layers: list, count: int) -> list:
     """`count` layers evenly spread from the first to the last (all of them when there are no more)."""
     if len(layers) <= count:
         return layers
     return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
-
 
 
 def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], max_layers: int = 16,
@@ -237,11 +227,9 @@ def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]],
     return fig
 
 
-
 def save_kernel_skeleton(skeletons: dict[str, list[tuple[str, torch.Tensor]]], path) -> Path:
     """Write ``kernel_skeleton_figure(skeletons)`` as a PNG and return the path."""
     return _save(kernel_skeleton_figure(skeletons), path)
-
 
 
 def save_curves(runs: list[dict], path) -> Path:

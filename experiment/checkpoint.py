@@ -45,18 +45,15 @@ def atomic_write(path, write, what="file", then=""):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
+    except BaseException as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         _remove_empty(made)  # an empty checkpoints/ would make a run directory look as if it held checkpoints
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write (disk full) as a RuntimeError
+            raise
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
         raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        _remove_empty(made)
-        raise
     return path
 
 

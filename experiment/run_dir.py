@@ -249,11 +249,16 @@ def is_deploy_checkpoint(path):
 
 def is_eval_report(path):
     """Whether `path` is a JSON report as eval.py writes them (a run's metrics.json is not)."""
+    return is_json_with_keys(path, {"checkpoint", "acc1", "acc5", "num_samples"})
+
+
+def is_json_with_keys(path, keys):
+    """Whether `path` holds a JSON object with (at least) `keys`: how a tool recognises its own earlier output."""
     try:
-        report = json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and {"checkpoint", "acc1", "acc5", "num_samples"} <= report.keys()
+    return isinstance(obj, dict) and keys <= obj.keys()
 
 
 def _same_file(a, b):

@@ -353,21 +353,16 @@ def normalize(images, mean, std, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _check_batch(batch_size, world_size, num_samples, what):
-    if batch_size % world_size:
-        raise UserError(f"{what} {batch_size} does not divide by the {world_size} processes; "
-                        f"it is the global batch, so pick a multiple of {world_size}")
-    if batch_size > num_samples:
-        raise UserError(f"{what} {batch_size} is larger than the {num_samples} training samples; "
-                        f"set dataset.batch_size={min(num_samples, 128)} or smaller")
-
-
 class _ShardedLoader:
     """What both loaders share: the global batch, this rank's share of it, and the normalisation."""
 
     def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed, rank, world_size, channels_last):
-        if train:
-            _check_batch(batch_size, world_size, num_samples, "dataset.batch_size")
+        if train and batch_size % world_size:
+            raise UserError(f"dataset.batch_size {batch_size} does not divide by the {world_size} processes; "
+                            f"it is the global batch, so pick a multiple of {world_size}")
+        if train and batch_size > num_samples:
+            raise UserError(f"dataset.batch_size {batch_size} is larger than the {num_samples} training samples; "
+                            f"set dataset.batch_size={min(num_samples, 128)} or smaller")
         self.train, self.batch_size, self.seed, self.num_samples = train, batch_size, seed, num_samples
         self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)

@@ -229,7 +229,11 @@ def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False)
             if _same_file(out, other):
                 what = "the input" if other in inputs else "another output,"
                 raise UserError(f"{option}={out} would overwrite {what} {other}; pass another {option}=")
-        _check_folder(out, option)
+        why = _folder_problem(out.parent)
+        if why:
+            raise UserError(f"cannot write {out}: {why}; pass another {option}= in a writable folder")
+        if out.is_dir():
+            raise UserError(f"cannot write {out}: it is a folder; pass a file name as {option}=")
         if out.is_file() and not replaceable(out):
             raise UserError(f"{option}={out} would replace a file this tool did not write (only its own earlier "
                             f"outputs are replaced); pass another {option}=, or move that file away first")
@@ -268,11 +272,3 @@ def _same_file(a, b):
         return os.path.samefile(a, b)  # hard links: two names, one file
     except OSError:  # one of them does not exist (yet)
         return False
-
-
-def _check_folder(path, option):
-    why = _folder_problem(path.parent)
-    if why:
-        raise UserError(f"cannot write {path}: {why}; pass another {option}= in a writable folder")
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")

@@ -9,7 +9,6 @@ the functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,24 +237,22 @@ def save_curves(runs: list[dict], path) -> Path:
     ``runs`` are metrics.json dicts. Epochs are aligned by number, so a run with fewer epochs only
     contributes where it has data; the band needs two runs (sample std) and is absent otherwise.
     """
-    curves = defaultdict(lambda: defaultdict(list))  # dataset -> model -> [{epoch: val_acc1}]
-    for run in runs:
-        points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if h.get("val_acc1") is not None}
-        if points:
-            curves[run.get("group", run["dataset"])][run["model"]].append(points)
-    datasets = sorted({run.get("group", run["dataset"]) for run in runs})
+    groups = runs_by_group(runs)
+    datasets = sorted(groups)
 
     fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
         ax.set(title=dataset, xlabel="epoch", ylabel="validation top-1 (%)")
-        if not curves[dataset]:
+        tables = {model: per_epoch(seeds, "val_acc1") for model, seeds in sorted(groups[dataset].items())}
+        tables = {model: table for model, table in tables.items() if table}  # epoch -> seed -> val_acc1
+        if not tables:
             ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
             continue
-        for model, seeds in sorted(curves[dataset].items()):
-            epochs = sorted(set().union(*seeds))
-            values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean, std, _ = np.array([mean_std(v) for v in values]).T
+        for model, table in tables.items():
+            epochs = sorted(table)
+            mean, std, _ = np.array([mean_std(list(table[e].values())) for e in epochs]).T
+            seeds = set().union(*table.values())  # those with a history
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
             ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
                             alpha=0.2, linewidth=0)  # clipped to possible accuracies

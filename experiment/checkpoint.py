@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from experiment.config import escape_interpolations
-from experiment.errors import UserError
+from experiment.errors import UserError, first_line
 
 
 # What train.py needs besides `model` and `config` to continue a run.
@@ -52,7 +52,7 @@ def atomic_write(path, write, what="file", then=""):
         if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write (disk full) as a RuntimeError
             raise
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
-        raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
+        raise UserError(f"could not write {what} {path} ({first_line(e) or type(e).__name__}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
     return path
 
@@ -144,11 +144,6 @@ class CheckpointSaver:
         return ", then start the run again with another hydra.run.dir (this run saved no checkpoint to resume from)"
 
 
-def _first_line(error, limit=160):
-    lines = str(error).strip().splitlines()
-    return (lines[0][:limit] if lines else "") or type(error).__name__
-
-
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -176,7 +171,7 @@ def load_checkpoint(path, map_location="cpu", training=False):
         raise UserError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
                         f"rejects its contents); pass a .pt file written by train.py or fuse.py") from None
     except Exception as e:  # RuntimeError, EOFError, BadZipFile, ValueError, OSError, ...: a damaged file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e, 100)}); "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(e, 100) or type(e).__name__}); "
                         f"pass a .pt file written by train.py or fuse.py") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)
             and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):

@@ -21,7 +21,6 @@ measurement on CUDA, and the ratios AC/baseline step time, fused/deploy and fuse
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -42,7 +41,7 @@ from experiment.errors import UserError, exit_on_user_error
 from experiment.evaluation import autocast_context
 from experiment.models import build_model, logit_difference
 from experiment.optim import build_optimizer, build_scheduler
-from experiment.run_dir import check_outputs
+from experiment.run_dir import check_outputs, is_json_with_keys
 from experiment.tracking import write_json
 from experiment.training import train_one_epoch
 from nets import fuse_model
@@ -421,8 +420,9 @@ def parse_args(argv=None):
     if min(args.batch_sizes) < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--batch-sizes must be >= 2 (BatchNorm), --steps and --repeats >= 1, --warmup >= 0")
     check_model_options(args)
-    if args.json:  # checked now, not after minutes of measuring
-        args.json, = check_outputs([args.json], [], option="--json", replaceable=_is_bench_json)
+    if args.json:  # checked now, not after minutes of measuring; only results this benchmark wrote are replaced
+        args.json, = check_outputs([args.json], [], option="--json", replaceable=lambda path: is_json_with_keys(
+            path, {"machine", "settings", "train", "eval", "input"}))
     return args
 
 
@@ -443,15 +443,6 @@ def check_model_options(args):
         raise UserError(f"--image-size {args.image_size} is too small for the {args.layout} layout "
                         f"({str(e).splitlines()[0][:100]}); use --image-size "
                         f"{224 if args.layout == 'imagenet' else 32}") from None
-
-
-def _is_bench_json(path):
-    """Whether `path` holds results this benchmark wrote (only those are replaced by --json)."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(results, dict) and {"machine", "settings", "train", "eval", "input"} <= results.keys()
 
 
 @exit_on_user_error

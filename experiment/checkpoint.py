@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from experiment.config import escape_interpolations
-from experiment.errors import UserError
+from experiment.errors import UserError, first_line
 
 
 # What train.py needs besides `model` and `config` to continue a run.
@@ -45,18 +45,15 @@ def atomic_write(path, write, what="file", then=""):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
+    except BaseException as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         _remove_empty(made)  # an empty checkpoints/ would make a run directory look as if it held checkpoints
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write (disk full) as a RuntimeError
+            raise
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
-        raise UserError(f"could not write {what} {path} ({_first_line(e)}); {kept}. Free disk space "
+        raise UserError(f"could not write {what} {path} ({first_line(e) or type(e).__name__}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        _remove_empty(made)
-        raise
     return path
 
 
@@ -147,11 +144,6 @@ class CheckpointSaver:
         return ", then start the run again with another hydra.run.dir (this run saved no checkpoint to resume from)"
 
 
-def _first_line(error, limit=160):
-    lines = str(error).strip().splitlines()
-    return (lines[0][:limit] if lines else "") or type(error).__name__
-
-
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -179,7 +171,7 @@ def load_checkpoint(path, map_location="cpu", training=False):
         raise UserError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
                         f"rejects its contents); pass a .pt file written by train.py or fuse.py") from None
     except Exception as e:  # RuntimeError, EOFError, BadZipFile, ValueError, OSError, ...: a damaged file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e, 100)}); "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(e, 100) or type(e).__name__}); "
                         f"pass a .pt file written by train.py or fuse.py") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)
             and isinstance(ckpt["config"].get("model"), dict) and isinstance(ckpt.get("num_classes"), int)):

@@ -114,13 +114,15 @@ def _hold_out(data, fraction):
         return DecodedFolder(data.train.subset(train_idx), data.test, data.classes, val=data.train.subset(val_idx))
     train, val = data.train, copy.copy(data.train)  # one ImageFolder listing, two views of it
     samples = train.samples
-    train.samples = [samples[i] for i in train_idx.tolist()]
-    val.samples = [samples[i] for i in val_idx.tolist()]
-    for split in (train, val):
-        split.targets = [t for _, t in split.samples]
-        split.imgs = split.samples
+    _set_samples(train, [samples[i] for i in train_idx.tolist()])
+    _set_samples(val, [samples[i] for i in val_idx.tolist()])
     val.transform = data.test.transform  # validation images are scored like test images: no augmentation
     return FolderData(train, data.test, data.classes, val=val)
+
+
+def _set_samples(split, samples):
+    """Give an ImageFolder other (path, class) samples, with the lists it derives from them."""
+    split.samples, split.imgs, split.targets = samples, samples, [t for _, t in samples]
 
 
 def _load_cifar(cfg, train=True):  # one archive holds both splits: `train` saves nothing
@@ -288,9 +290,7 @@ def _drop_unreadable(split, skip):
     bad = [p for (p, _), good in zip(split.samples, ok) if not good]
     _check_unreadable(bad, len(split.samples), split.root, skip)
     if bad:
-        split.samples = [s for s, good in zip(split.samples, ok) if good]
-        split.targets = [t for _, t in split.samples]
-        split.imgs = split.samples
+        _set_samples(split, [s for s, good in zip(split.samples, ok) if good])
         split.skipped = bad
 
 
@@ -353,21 +353,16 @@ def normalize(images, mean, std, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _check_batch(batch_size, world_size, num_samples, what):
-    if batch_size % world_size:
-        raise UserError(f"{what} {batch_size} does not divide by the {world_size} processes; "
-                        f"it is the global batch, so pick a multiple of {world_size}")
-    if batch_size > num_samples:
-        raise UserError(f"{what} {batch_size} is larger than the {num_samples} training samples; "
-                        f"set dataset.batch_size={min(num_samples, 128)} or smaller")
-
-
 class _ShardedLoader:
     """What both loaders share: the global batch, this rank's share of it, and the normalisation."""
 
     def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed, rank, world_size, channels_last):
-        if train:
-            _check_batch(batch_size, world_size, num_samples, "dataset.batch_size")
+        if train and batch_size % world_size:
+            raise UserError(f"dataset.batch_size {batch_size} does not divide by the {world_size} processes; "
+                            f"it is the global batch, so pick a multiple of {world_size}")
+        if train and batch_size > num_samples:
+            raise UserError(f"dataset.batch_size {batch_size} is larger than the {num_samples} training samples; "
+                            f"set dataset.batch_size={min(num_samples, 128)} or smaller")
         self.train, self.batch_size, self.seed, self.num_samples = train, batch_size, seed, num_samples
         self.rank, self.world_size, self.device, self.channels_last = rank, world_size, device, channels_last
         self.mean, self.std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
@@ -385,6 +380,12 @@ class _ShardedLoader:
         if self.train:
             return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
         return -(-len(self.eval_indices()) // self.batch_size)
+
+    def rank_slices(self, start_step=0):
+        """Per training step from `start_step` on, this rank's slice of the step's global batch in the order."""
+        local = self.batch_size // self.world_size
+        for step in range(start_step, len(self)):
+            yield slice(step * self.batch_size + self.rank * local, step * self.batch_size + (self.rank + 1) * local)
 
     def eval_indices(self):
         """This rank's test samples: every world_size-th, so each is evaluated exactly once over all ranks."""
@@ -418,11 +419,9 @@ class DeviceLoader(_ShardedLoader):
         shifts = torch.randint(0, 2 * self.crop_padding + 1, (2, self.num_samples), generator=g)
         flips = torch.rand(self.num_samples, generator=g) < 0.5
         order, shifts, flips = order.to(device), shifts.to(device), flips.to(device)
-        local = self.batch_size // self.world_size
         rows = torch.arange(self.height, device=device)
         cols = torch.arange(self.width, device=device)
-        for step in range(start_step, len(self)):
-            sl = slice(step * self.batch_size + self.rank * local, step * self.batch_size + (self.rank + 1) * local)
+        for sl in self.rank_slices(start_step):
             j = order[sl]
             x = self.images[j]
             if self.crop_padding:
@@ -458,9 +457,7 @@ class ResizedCropLoader(_ShardedLoader):
         boxes = random_resized_crop_boxes(self.original_sizes[order], g)
         flips = torch.rand(self.num_samples, generator=g) < 0.5
         order, boxes, flips = order.to(device), boxes.to(device), flips.to(device)
-        local = self.batch_size // self.world_size
-        for step in range(start_step, len(self)):
-            sl = slice(step * self.batch_size + self.rank * local, step * self.batch_size + (self.rank + 1) * local)
+        for sl in self.rank_slices(start_step):
             j = order[sl]
             top, left, h, w = (boxes[sl] * self.stored_per_original[j].repeat(1, 2)).unbind(1)
             x = resample(self.images[j], crop_axis(top, h, self.size), crop_axis(left, w, self.size), self.size)
@@ -540,9 +537,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         if not ld.train:
             return iter(ld.eval_indices())
         order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
-        local = ld.batch_size // ld.world_size
-        starts = (step * ld.batch_size + ld.rank * local for step in range(self.start_step, len(ld)))
-        return iter([i for start in starts for i in order[start:start + local]])
+        return iter([i for sl in ld.rank_slices(self.start_step) for i in order[sl]])
 
 
 class FolderLoader(_ShardedLoader):

@@ -32,35 +32,36 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit_with(e)
         except torch.cuda.OutOfMemoryError as e:
-            first = (str(e).strip().splitlines() or [""])[0][:120]
-            print(f"error: the GPU ran out of memory ({first}); "
-                  "try a smaller dataset.batch_size or dataset.eval_batch_size", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit_with(f"the GPU ran out of memory ({first_line(e, 120)}); "
+                       "try a smaller dataset.batch_size or dataset.eval_batch_size")
         except (MemoryError, RuntimeError) as e:  # the host's memory: an allocation larger than the machine
             if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:160] or "MemoryError"
-            print(f"error: the machine ran out of memory ({first}); try a smaller dataset.batch_size, "
-                  "dataset.eval_batch_size or dataset.image_size", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit_with(f"the machine ran out of memory ({first_line(e) or 'MemoryError'}); try a smaller "
+                       "dataset.batch_size, dataset.eval_batch_size or dataset.image_size")
         except MissingMandatoryValue as e:  # a `???` in the config that the command line did not fill in
             key = getattr(e, "full_key", None) or "a required config value"
-            print(f"error: {key} is required; pass {key}=... on the command line", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit_with(f"{key} is required; pass {key}=... on the command line")
         except InterpolationResolutionError as e:  # a `${...}` given on the command line that does not resolve
             key = getattr(e, "full_key", None) or "a config value"
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            print(f"error: {key}: its interpolation does not resolve ({first}); fix it, or write a literal ${{ "
-                  f"as \\${{", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit_with(f"{key}: its interpolation does not resolve ({first_line(e)}); fix it, or write a literal "
+                       f"${{ as \\${{")
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
-            print("error: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
+            _exit_with("interrupted", status=130)
 
     return wrapper
+
+
+def _exit_with(message, status=2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def first_line(error, limit=160):
+    """The first line of an exception's message, at most `limit` characters ("" when it has none)."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
 def interrupt_in_one_line():

@@ -9,7 +9,6 @@ the functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,12 +43,10 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
     return written
 
 
-
 def pixels(fig: Figure) -> np.ndarray:
     """The figure drawn as an (H, W, 3) uint8 array for ``add_image``."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
 
 
 def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
@@ -61,7 +58,6 @@ def verdict_figures(runs: list[dict], unfinished=()) -> dict[str, Figure]:
         figures[f"{pair['dataset']} {pair['model']} vs {pair['baseline']}"] = verdict_figure(
             pair, models[pair["baseline"]], models[pair["model"]], not_counted)
     return figures
-
 
 
 def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()) -> Figure:
@@ -119,11 +115,9 @@ def verdict_figure(pair: dict, baseline_runs: dict, ac_runs: dict, unfinished=()
     if unfinished:
         notes.append("Not counted, no metrics.json (unfinished): "
                      + ", ".join(Path(u["dir"]).name + run_label(u) for u in unfinished))
-    fig.suptitle(textwrap.fill(verdict_line(pair), 80),
-                 fontsize=18, fontweight="bold")
+    fig.suptitle(textwrap.fill(verdict_line(pair), 80), fontsize=18, fontweight="bold")
     fig.supxlabel("\n".join(textwrap.fill(note, 130) for note in notes), fontsize=11)
     return fig
-
 
 
 def _new_figure(**kwargs) -> Figure:
@@ -135,14 +129,12 @@ def _new_figure(**kwargs) -> Figure:
     return fig
 
 
-
 def _save(fig: Figure, path) -> Path:
     from experiment.checkpoint import atomic_write
 
     path = Path(path)
     return atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120,
                                                     bbox_inches="tight"), what="figure")
-
 
 
 def save_confusion_matrix(matrix, class_names, path) -> Path:
@@ -173,7 +165,6 @@ def save_confusion_matrix(matrix, class_names, path) -> Path:
     return _save(fig, path)
 
 
-
 def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Mean |weight| at each KxK kernel position of every square Conv2d with K > 1, max scaled to 1.
 
@@ -192,13 +183,11 @@ def kernel_skeleton(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return skeletons
 
 
-
 def _spread(layers: list, count: int) -> list:
     """`count` layers evenly spread from the first to the last (all of them when there are no more)."""
     if len(layers) <= count:
         return layers
     return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
-
 
 
 def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]], max_layers: int = 16,
@@ -237,11 +226,9 @@ def kernel_skeleton_figure(skeletons: dict[str, list[tuple[str, torch.Tensor]]],
     return fig
 
 
-
 def save_kernel_skeleton(skeletons: dict[str, list[tuple[str, torch.Tensor]]], path) -> Path:
     """Write ``kernel_skeleton_figure(skeletons)`` as a PNG and return the path."""
     return _save(kernel_skeleton_figure(skeletons), path)
-
 
 
 def save_curves(runs: list[dict], path) -> Path:
@@ -250,24 +237,22 @@ def save_curves(runs: list[dict], path) -> Path:
     ``runs`` are metrics.json dicts. Epochs are aligned by number, so a run with fewer epochs only
     contributes where it has data; the band needs two runs (sample std) and is absent otherwise.
     """
-    curves = defaultdict(lambda: defaultdict(list))  # dataset -> model -> [{epoch: val_acc1}]
-    for run in runs:
-        points = {h["epoch"]: h["val_acc1"] for h in run.get("history", []) if h.get("val_acc1") is not None}
-        if points:
-            curves[run.get("group", run["dataset"])][run["model"]].append(points)
-    datasets = sorted({run.get("group", run["dataset"]) for run in runs})
+    groups = runs_by_group(runs)
+    datasets = sorted(groups)
 
     fig = _new_figure(figsize=(5.0 * max(len(datasets), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
         ax.set(title=dataset, xlabel="epoch", ylabel="validation top-1 (%)")
-        if not curves[dataset]:
+        tables = {model: per_epoch(seeds, "val_acc1") for model, seeds in sorted(groups[dataset].items())}
+        tables = {model: table for model, table in tables.items() if table}  # epoch -> seed -> val_acc1
+        if not tables:
             ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
             continue
-        for model, seeds in sorted(curves[dataset].items()):
-            epochs = sorted(set().union(*seeds))
-            values = [[s[e] for s in seeds if e in s] for e in epochs]
-            mean, std, _ = np.array([mean_std(v) for v in values]).T
+        for model, table in tables.items():
+            epochs = sorted(table)
+            mean, std, _ = np.array([mean_std(list(table[e].values())) for e in epochs]).T
+            seeds = set().union(*table.values())  # those with a history
             (line,) = ax.plot(epochs, mean, label=f"{model} (n={len(seeds)})")
             ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
                             alpha=0.2, linewidth=0)  # clipped to possible accuracies

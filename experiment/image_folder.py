@@ -6,6 +6,8 @@ import os
 import numpy as np
 from torchvision import datasets, transforms
 
+from experiment.errors import first_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -60,5 +62,4 @@ def read_rgb(path):
                 return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")  # decodes the whole image: truncated files fail here
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UnreadableImage(f"cannot read image {path} ({reason})") from None
+        raise UnreadableImage(f"cannot read image {path} ({first_line(e, 120) or type(e).__name__})") from None

@@ -483,25 +483,19 @@ def value_bounds(name: str) -> tuple[float, float]:
     return (0.0, math.inf) if "loss" in name else (0.0, 100.0)
 
 
-def _mean_band(values, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval (low, high), clipped to ``bounds``; NaN ends with one value."""
-    mean, _, half = mean_std(values)
-    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])  # max/min keep NaN only if NaN first
-
-
 def band_points(points, bounds=(-math.inf, math.inf)) -> dict[str, list[tuple[int, float]]]:
-    """``[(step, values)]`` -> ``{"": [(step, mean)], "_low": [...], "_high": [...]}``; a step with one value has
-    a mean and no interval."""
+    """``[(step, values)]`` -> ``{"": [(step, mean)], "_low": [...], "_high": [...]}``: the mean and its 95%
+    Student-t interval, clipped to ``bounds``; a step with one value has a mean and no interval."""
     series = {"": [], "_low": [], "_high": []}
     for step, values in points:
         values = [v for v in values if not math.isnan(v)]
         if not values:
             continue
-        mean, low, high = _mean_band(values, bounds)
+        mean, _, half = mean_std(values)
         series[""].append((step, mean))
         if len(values) > 1:
-            series["_low"].append((step, low))
-            series["_high"].append((step, high))
+            series["_low"].append((step, max(mean - half, bounds[0])))
+            series["_high"].append((step, min(mean + half, bounds[1])))
     return series
 
 

@@ -229,7 +229,11 @@ def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False)
             if _same_file(out, other):
                 what = "the input" if other in inputs else "another output,"
                 raise UserError(f"{option}={out} would overwrite {what} {other}; pass another {option}=")
-        _check_folder(out, option)
+        why = _folder_problem(out.parent)
+        if why:
+            raise UserError(f"cannot write {out}: {why}; pass another {option}= in a writable folder")
+        if out.is_dir():
+            raise UserError(f"cannot write {out}: it is a folder; pass a file name as {option}=")
         if out.is_file() and not replaceable(out):
             raise UserError(f"{option}={out} would replace a file this tool did not write (only its own earlier "
                             f"outputs are replaced); pass another {option}=, or move that file away first")
@@ -249,11 +253,16 @@ def is_deploy_checkpoint(path):
 
 def is_eval_report(path):
     """Whether `path` is a JSON report as eval.py writes them (a run's metrics.json is not)."""
+    return is_json_with_keys(path, {"checkpoint", "acc1", "acc5", "num_samples"})
+
+
+def is_json_with_keys(path, keys):
+    """Whether `path` holds a JSON object with (at least) `keys`: how a tool recognises its own earlier output."""
     try:
-        report = json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and {"checkpoint", "acc1", "acc5", "num_samples"} <= report.keys()
+    return isinstance(obj, dict) and keys <= obj.keys()
 
 
 def _same_file(a, b):
@@ -263,11 +272,3 @@ def _same_file(a, b):
         return os.path.samefile(a, b)  # hard links: two names, one file
     except OSError:  # one of them does not exist (yet)
         return False
-
-
-def _check_folder(path, option):
-    why = _folder_problem(path.parent)
-    if why:
-        raise UserError(f"cannot write {path}: {why}; pass another {option}= in a writable folder")
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass a file name as {option}=")

@@ -133,45 +133,47 @@ def train(cfg, run_dir, overrides=()):
                     "train_seconds": train_seconds(), "num_classes": num_classes, "classes": list(data.classes),
                     "config": OmegaConf.to_container(cfg, resolve=True)}
 
-        # The epoch loop. A stop signal saves last.pt mid-epoch and exits with 128 + the signal number.
+        # The epoch loop. A stop signal saves last.pt mid-epoch and exits with 128 + the signal number; one after
+        # the last step lets the end-of-run report below finish first (the handlers stay until the run ends).
         bars = tc.progress and world.is_main and sys.stderr.isatty()  # a log file gets plain lines
-        with StopRequest(world, device, every=tc.log_every) as stop, logging_redirect_tqdm():
-            epoch_bar = tqdm(range(epoch, tc.epochs), desc="epochs", initial=epoch, total=tc.epochs,
+        stop = run.enter_context(StopRequest(world, device, every=tc.log_every))
+        run.enter_context(logging_redirect_tqdm())
+        epoch_bar = tqdm(range(epoch, tc.epochs), desc="epochs", initial=epoch, total=tc.epochs,
+                         disable=not bars, dynamic_ncols=True)
+        for epoch in epoch_bar:
+            batch_bar = tqdm(total=len(train_loader), initial=step, desc=f"epoch {epoch + 1}", leave=False,
                              disable=not bars, dynamic_ncols=True)
-            for epoch in epoch_bar:
-                batch_bar = tqdm(total=len(train_loader), initial=step, desc=f"epoch {epoch + 1}", leave=False,
-                                 disable=not bars, dynamic_ncols=True)
-                try:
-                    totals, step = train_one_epoch(
-                        fast_model, train_loader, optimizer, scheduler, epoch=epoch, device=device, amp=tc.amp,
-                        label_smoothing=tc.label_smoothing, start_step=step, totals=totals, stop_requested=stop,
-                        progress=batch_bar if bars else None, log_every=tc.log_every)
-                except NonFiniteLoss as e:
-                    last = saver.directory / "last.pt"
-                    good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                    raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or a longer "
-                                    f"scheduler.warmup_epochs") from None
-                finally:
-                    batch_bar.close()
-                if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
-                    path = saver.save_interrupted(state(epoch, step, totals))
-                    if path:
-                        log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
-                                    stop.signal.name, epoch + 1, step, path, resume_command(path))
-                    sys.exit(stop.exit_code)
-                val = None
-                if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-                    val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
-                                   amp=tc.amp)
-                is_best = val is not None and (best_acc1 is None or val["acc1"] > best_acc1)
-                if is_best:
-                    best_acc1 = val["acc1"]
-                history.append(record_epoch(epoch, totals, val, optimizer, device, world, tracker, tc.epochs))
-                totals, step = None, 0
-                if best_acc1 is not None:
-                    epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
-                saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0))
-            epoch_bar.close()
+            try:
+                totals, step = train_one_epoch(
+                    fast_model, train_loader, optimizer, scheduler, epoch=epoch, device=device, amp=tc.amp,
+                    label_smoothing=tc.label_smoothing, start_step=step, totals=totals, stop_requested=stop,
+                    progress=batch_bar if bars else None, log_every=tc.log_every)
+            except NonFiniteLoss as e:
+                last = saver.directory / "last.pt"
+                good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                raise UserError(f"{e}; {good}; start a new run with a lower optimizer.lr or a longer "
+                                f"scheduler.warmup_epochs") from None
+            finally:
+                batch_bar.close()
+            if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
+                path = saver.save_interrupted(state(epoch, step, totals))
+                if path:
+                    log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
+                                stop.signal.name, epoch + 1, step, path, resume_command(path))
+                sys.exit(stop.exit_code)
+            val = None
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+                val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
+                               amp=tc.amp)
+            is_best = val is not None and (best_acc1 is None or val["acc1"] > best_acc1)
+            if is_best:
+                best_acc1 = val["acc1"]
+            history.append(record_epoch(epoch, totals, val, optimizer, device, world, tracker, tc.epochs))
+            totals, step = None, 0
+            if best_acc1 is not None:
+                epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
+            saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0))
+        epoch_bar.close()
 
         # The end of the run, on rank 0: best.pt on the test split, metrics.json, TensorBoard, a summary
         if world.is_main:

@@ -1,6 +1,8 @@
 """experiment/training.py: an epoch stopped after any step and continued gives the very same result; a
 non-finite loss stops training with the epoch and step, counted as the logs count them; a resumed run keeps its
 stored recipe, only harmless trainer options may change."""
+import os
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -119,3 +121,31 @@ def test_train_runs_on_a_config_composed_by_hydra(tmp_path):
     assert metrics["best_acc1"] == metrics["history"][0]["val_acc1"]
     assert (run_dir / RUN_MARKER).is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
     assert OmegaConf.load(run_dir / "config.yaml").trainer.epochs == 1
+
+
+def test_a_signal_during_the_end_of_run_report_lets_it_finish_then_stops(tmp_path, monkeypatch):
+    """A signal after the last step (a sweep's `timeout` or `scancel`) reaches the process while it scores best.pt
+    and writes metrics.json: the run's own handler takes it, the report is finished, then the process stops with
+    128 + the signal number. A handler of the caller's would be reached only if the run's were already gone."""
+    import signal
+
+    from conftest import TINY, read_metrics, run_main
+    import experiment.training as training
+
+    reached_caller = []
+    previous = signal.signal(signal.SIGINT, lambda *_: reached_caller.append(True))
+    draw = training.log_kernel_skeleton
+
+    def signalled_while_reporting(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # metrics.json is written; the TensorBoard figure and summary follow
+        return draw(*args)
+
+    monkeypatch.setattr(training, "log_kernel_skeleton", signalled_while_reporting)
+    try:
+        proc = run_main("train.py", *TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not reached_caller
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "interrupted (SIGINT) after the last epoch; the run is complete" in proc.stdout
+    assert "done: best" in proc.stdout and read_metrics(tmp_path / "run")["history"]

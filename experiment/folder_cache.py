@@ -80,12 +80,13 @@ def stored_side(image_size):
 
 
 def cache_key(samples, image_size, crops):
-    """A hash of the split's files (path, class, size, modification time), the training resolution, whether the
-    images are stored for training crops, and the file format."""
+    """A hash of the split's files (path, class, size, modification and status-change time), the training
+    resolution, whether the images are stored for training crops, and the file format. The status-change time
+    catches a file replaced by a copy that keeps size and modification time (`rsync -a`, `cp -p`, `tar x`)."""
     h = hashlib.sha256(json.dumps([FORMAT, image_size, crops]).encode())
     for path, label in samples:
         st = os.stat(path)
-        h.update(json.dumps([os.path.abspath(path), label, st.st_size, st.st_mtime_ns]).encode())
+        h.update(json.dumps([os.path.abspath(path), label, st.st_size, st.st_mtime_ns, st.st_ctime_ns]).encode())
     return h.hexdigest()
 
 
@@ -96,13 +97,14 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes, crops=True):
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     # <which split, at which size>-<its files>.pt: a new version of a split's files replaces its old cache file
     split_id = hashlib.sha256(json.dumps([os.path.abspath(root), image_size]).encode()).hexdigest()[:16]
+    if len(samples) * 3 * image_size ** 2 > max_bytes:  # too large even as test views alone: spare every stat
+        return None
     key = cache_key(samples, image_size, crops)
     path = cache_dir / f"{split_id}-{key}.pt"
-    cached = _load(path, root, len(samples), image_size, crops)
-    if cached is not None:
-        return cached
-    if len(samples) * 3 * image_size ** 2 > max_bytes:  # too large even as test views alone: spare the header pass
-        return None
+    cached = _load(path, samples, root, image_size, crops)
+    if cached is not None:  # the budget holds for a cache file too (it may have been lowered since it was written)
+        return cached if cached.views.nbytes + (0 if cached.images is None else cached.images.nbytes) <= max_bytes \
+            else None
     sizes = map_in_threads(_original_size, [p for p, _ in samples])
     readable = [s for s in sizes if s is not None]
     shape = _stored_shape(readable, image_size) if crops else None
@@ -215,13 +217,15 @@ def _remove_older_versions(path, split_id):
             old.unlink(missing_ok=True)
 
 
-def _load(path, root, num_samples, image_size, crops):
-    """The cached split, or None when there is no usable cache file. The file is data: loaded without
-    unpickling code (weights_only) and checked for shape before use; anything else is decoded again."""
+def _load(path, samples, root, image_size, crops):
+    """The cached split of `samples`, or None when there is no usable cache file. The file is data: loaded without
+    unpickling code (weights_only) and checked before use (shapes, types, the samples' labels, sizes that crops
+    can divide by); anything else is decoded again. It is memory-mapped, so the processes of one machine (torchrun
+    ranks, the jobs of parallel sweeps) share its pages rather than each holding a copy."""
     if not path.is_file():
         return None
     try:
-        stored = torch.load(path, weights_only=True, map_location="cpu")
+        stored = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         images, views, sizes, labels, unreadable = (stored["images"], stored["views"], stored["sizes"],
                                                     stored["labels"], stored["unreadable"])
         n = len(labels)
@@ -229,10 +233,18 @@ def _load(path, root, num_samples, image_size, crops):
                 and views.dtype == torch.uint8 and views.shape == (n, 3, image_size, image_size)
                 and ((images.dtype == torch.uint8 and images.dim() == 4 and images.shape[:2] == (n, 3)) if crops
                      else images is None)
-                and sizes.shape == (n, 2) and labels.dtype == torch.int64 and n + len(unreadable) == num_samples
-                and all(isinstance(p, str) for p in unreadable)):
+                and sizes.shape == (n, 2) and sizes.dtype == torch.int64 and bool((sizes > 0).all())
+                and all(isinstance(p, str) for p in unreadable)
+                and labels.dtype == torch.int64 and n + len(unreadable) == len(samples)
+                and labels.tolist() == _readable_labels(samples, unreadable)):
             raise ValueError("unexpected contents")
     except Exception as e:
         log.warning("ignoring the unusable decoded-image cache %s (%s); decoding again", path, e)
         return None
     return DecodedSplit(images, views, sizes, labels, str(root), list(unreadable))
+
+
+def _readable_labels(samples, unreadable):
+    """The labels of `samples` without those of the `unreadable` paths: what a cache file of them must hold."""
+    skipped = {os.path.abspath(p) for p in unreadable}
+    return [label for path, label in samples if os.path.abspath(path) not in skipped]

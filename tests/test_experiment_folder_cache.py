@@ -94,6 +94,46 @@ def test_a_changed_added_or_removed_file_rebuilds_the_cache(tmp_path, decodes, c
         assert data.train.images[7].sum() == 0
 
 
+def test_a_file_replaced_keeping_its_size_and_modification_time_rebuilds_the_cache(tmp_path, decodes):
+    """`rsync -a`, `cp -p` and `tar x` set a replaced file's modification time back; its status-change time they
+    cannot, and the cache key holds it."""
+    root = folder(tmp_path / "data")
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    target = root / "train" / "dog" / "1.png"
+    st = target.stat()
+    target.write_bytes(target.read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    assert decodes[0] == 36 + 18  # the train split decoded again
+
+
+def test_a_cache_file_over_a_lowered_memory_budget_is_not_used(tmp_path, decodes):
+    root = folder(tmp_path / "data")
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    # 100 kB: the train split's test views (55 kB) fit, with its 36-px images for crops (125 kB) it does not
+    data = load_dataset(cached_cfg(root, tmp_path / "cache", cache_max_gb=1e-4))
+    assert isinstance(data, FolderData) and not isinstance(data, DecodedFolder) and decodes[0] == 36
+
+
+@pytest.mark.parametrize("tamper", ["labels", "sizes"])
+def test_a_cache_file_that_does_not_match_its_folder_is_decoded_again(tmp_path, decodes, caplog, tamper):
+    """Shapes right, contents wrong (a damaged file, or one planted in a shared cache folder under the right name):
+    labels other than the folder's would train on wrong classes, a size of 0 would make the crop boxes nan."""
+    root = folder(tmp_path / "data")
+    load_dataset(cached_cfg(root, tmp_path / "cache"))
+    for path in (tmp_path / "cache").glob("*.pt"):
+        stored = torch.load(path, weights_only=True)
+        if tamper == "labels":
+            stored["labels"] = stored["labels"].flip(0)
+        else:
+            stored["sizes"] = torch.zeros_like(stored["sizes"])
+        torch.save(stored, path)
+    data = load_dataset(cached_cfg(root, tmp_path / "cache"))
+    assert decodes[0] == 72 and "ignoring the unusable decoded-image cache" in caplog.text
+    assert data.train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6 and bool((data.train.sizes > 0).all())
+
+
 def test_another_resolution_is_another_cache(tmp_path, decodes):
     root = folder(tmp_path / "data")
     load_dataset(cached_cfg(root, tmp_path / "cache"))

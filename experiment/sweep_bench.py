@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from experiment.errors import UserError, exit_on_user_error
+from experiment.run_dir import check_outputs, is_json_with_keys
+from experiment.tracking import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = re.compile(r"\[HYDRA\]\s+#(\d+) : ")
@@ -142,8 +144,9 @@ def parse_args(argv=None):
         raise UserError(f"--size={args.size} is too small for experiment=tiny's network; use 8 or more")
     if not (args.repo / "train.py").is_file():
         raise UserError(f"--repo {args.repo} holds no train.py; point it at a checkout of this repository")
-    if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):
-        raise UserError(f"--json {args.json} must be a file in an existing folder")
+    if args.json:  # checked now, not after minutes of sweeping; only results this benchmark wrote are replaced
+        args.json, = check_outputs([args.json], [], option="--json", replaceable=lambda path: is_json_with_keys(
+            path, {"launch_to_first_step_s", "last_line_to_exit_s", "busy_fraction"}))
     return args
 
 
@@ -171,7 +174,7 @@ def main(argv=None):
     if status:
         print("the sweep failed; its last lines:\n" + "\n".join(line for _, line in lines[-15:]))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     sys.exit(1 if status else 0)
 
 

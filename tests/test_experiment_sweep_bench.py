@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import ROOT
 from experiment.data import check_folder_layout
 from experiment.errors import UserError
 from experiment.sweep_bench import make_folder, parse_args, summarise
@@ -38,7 +39,19 @@ def test_figures_from_a_timeline(tmp_path):
 @pytest.mark.parametrize("argv, says", [(["--images", "0"], "--images=0 must be at least 1"),
                                         (["--size", "4"], "--size=4 is too small"),
                                         (["--repo", "/nonexistent"], "holds no train.py"),
-                                        (["--json", "/nonexistent/x.json"], "must be a file in an existing folder")])
-def test_bad_options_are_one_line(argv, says):
+                                        (["--json", "README.md/x.json"], "README.md is a file, not a folder"),
+                                        (["--json", "tests"], "it is a folder; pass a file name as --json="),
+                                        (["--json", "README.md"], "would replace a file this tool did not write")])
+def test_bad_options_are_one_line(argv, says, monkeypatch):
+    monkeypatch.chdir(ROOT)
     with pytest.raises(UserError, match=says):
         parse_args(argv)
+
+
+def test_json_replaces_only_an_earlier_result_of_the_benchmark(tmp_path):
+    earlier = tmp_path / "sweep.json"
+    earlier.write_text(json.dumps({"launch_to_first_step_s": {}, "last_line_to_exit_s": 1.0, "busy_fraction": 0.5}))
+    assert parse_args(["--json", str(earlier)]).json == earlier
+    (tmp_path / "other.json").write_text(json.dumps({"busy_fraction": 0.5}))
+    with pytest.raises(UserError, match="would replace a file this tool did not write"):
+        parse_args(["--json", str(tmp_path / "other.json")])

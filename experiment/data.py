@@ -545,7 +545,9 @@ class FolderLoader(_ShardedLoader):
                  world_size=1, channels_last=False):
         super().__init__(len(dataset), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
                          rank=rank, world_size=world_size, channels_last=channels_last)
-        self.sampler = _EpochSampler(self)
+        # a weak reference: the finaliser below holds the DataLoader, and through it the sampler, which must not
+        # keep this FolderLoader alive (its workers would then outlive it until the process exits)
+        self.sampler = _EpochSampler(weakref.proxy(self))
         local = batch_size // world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,

@@ -106,6 +106,38 @@ print(sum(len(y) for _, y in loader.epoch(0)))
 """
 
 
+def _children():
+    """The pids of this process's live (not zombie) child processes, read from /proc."""
+    found = []
+    for stat in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(stat))
+    return found
+
+
+def test_a_loader_nobody_closed_ends_its_workers_when_it_is_collected(tmp_path):
+    import gc
+
+    from omegaconf import OmegaConf
+
+    from experiment.data import build_test_loader, load_dataset
+
+    root = image_folder(tmp_path / "data", per_class=4)
+    cfg = OmegaConf.load(ROOT / "configs" / "dataset" / "folder.yaml")
+    cfg.root, cfg.image_size, cfg.num_workers, cfg.cache, cfg.eval_batch_size = str(root), 32, 2, "off", 5
+    before = set(_children())
+    loader = build_test_loader(load_dataset(cfg, train=False), cfg, device="cpu")
+    assert sum(len(y) for _, y in loader.epoch(0)) == 12
+    assert len(set(_children()) - before) == 2  # persistent workers, alive between epochs
+    del loader
+    gc.collect()
+    assert set(_children()) - before == set()
+
+
 def test_a_process_exits_even_with_a_loader_left_open(tmp_path):
     """Workers ignore SIGTERM, which is what multiprocessing's exit hook sends them before it waits for them: a
     loader nobody closed (eval.py and fuse.py leave theirs to the end of the process) must still let it exit."""

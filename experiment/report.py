@@ -129,7 +129,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 ARM_KEYS = ("model.name", "model.arch", "model.bn", "model.ac", "model.gamma_init")
 NOT_RECIPE = ("seed", "resume", "trainer.device", "trainer.progress", "trainer.log_every", "trainer.save_every",
               "trainer.compile", "trainer.compile_mode", "trainer.channels_last", "dataset.download",
-              "dataset.num_workers", "dataset.verify_images", "dataset.eval_batch_size")
+              "dataset.num_workers", "dataset.verify_images", "dataset.eval_batch_size", "dataset.cache",
+              "dataset.cache_dir", "dataset.cache_max_gb")  # decoded and streamed folders serve the same views
 
 
 def recipe(run_dir: Path, run: dict) -> dict | None:

@@ -524,6 +524,15 @@ def test_arms_of_different_recipes_are_reported_apart(tmp_path, base, ac, named)
     assert sorted(p.name for p in (tmp_path / "out/tensorboard").iterdir()) == ["cifar10", "cifar10#2", "verdict"]
 
 
+def test_folder_runs_pair_whether_their_images_were_decoded_into_a_cache_or_streamed(tmp_path):
+    recipe_sweep(tmp_path, {"root": "/data/pets"}, {"root": "/data/pets"}, dataset="folder")
+    for config in tmp_path.glob("*_alexnet_ac_seed*/config.yaml"):  # one arm streamed, the other (absent keys) not
+        config.write_text(config.read_text().replace(
+            "  batch_size: 64\n", "  batch_size: 64\n  cache: 'off'\n  cache_dir: /scratch\n  cache_max_gb: 1.0\n"))
+    (pair,) = paired_differences(load_runs([tmp_path]))
+    assert pair["n_pairs"] == 2
+
+
 def test_folder_datasets_pair_only_on_the_same_root(tmp_path):
     same = recipe_sweep(tmp_path / "same", {"root": "/data/pets"}, {"root": "/data/pets"}, dataset="folder")
     assert paired_differences(same)[0]["n_pairs"] == 2

@@ -66,8 +66,14 @@ def local_main_first(world):
         dist.barrier()
 
 
-def cleanup(world):
+def cleanup(world, together=True):
+    """End the process group. `together`: first wait for every rank (a normal end, or a stop all ranks agreed on).
+    A rank that tore the group down and exited while another still worked (rank 0 writing the end-of-run report)
+    was now and then aborted by gloo ("terminate called without an active exception"), failing the torchrun job.
+    After an error on one rank alone the others may never arrive: no waiting then."""
     if world.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

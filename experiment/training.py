@@ -52,7 +52,7 @@ def train(cfg, run_dir, overrides=()):
     # Whatever ends the run, its DataLoader workers end with it (a sweep runs every job in this process), then
     # the process group
     with ExitStack() as run:
-        run.callback(cleanup, world)
+        run.push(lambda error, *_: cleanup(world, together=error in (None, SystemExit)))  # SystemExit: a stop signal
         device = select_device(device_option, world.local_rank)
         run_dir = Path(broadcast_object(str(run_dir), world))
         if world.is_main:  # rank 0 alone writes the run directory; its tracker and saver are idle elsewhere

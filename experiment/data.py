@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from omegaconf import OmegaConf
 
+from experiment.config import literal_config
 from experiment.errors import UserError, choose
 
 
@@ -317,8 +318,6 @@ def dataset_config(stored, overrides, config_dir=None):
     """The dataset config for evaluating a checkpoint: its own, with the non-null `overrides` on top. Naming
     another dataset starts from its file in `config_dir` (default: the repository's configs/dataset/). Stored
     and overridden values are data: no string in the result is an interpolation (`literal_config`)."""
-    from experiment.config import literal_config
-
     name = overrides.get("name")
     cfg = dict(stored)
     if name and name != cfg.get("name"):

@@ -55,6 +55,11 @@ class DecodedSplit:
         return len(self.labels)
 
     @property
+    def nbytes(self):
+        """Memory the decoded split takes (what dataset.cache_max_gb bounds)."""
+        return self.views.nbytes + (0 if self.images is None else self.images.nbytes)
+
+    @property
     def skipped(self):  # report_skipped_images' name; with unreadable images the split exists only when skipping
         return self.unreadable
 
@@ -103,8 +108,7 @@ def decoded_split(samples, root, image_size, cache_dir, max_bytes, crops=True):
     path = cache_dir / f"{split_id}-{key}.pt"
     cached = _load(path, samples, root, image_size, crops)
     if cached is not None:  # the budget holds for a cache file too (it may have been lowered since it was written)
-        return cached if cached.views.nbytes + (0 if cached.images is None else cached.images.nbytes) <= max_bytes \
-            else None
+        return cached if cached.nbytes <= max_bytes else None
     sizes = map_in_threads(_original_size, [p for p, _ in samples])
     readable = [s for s in sizes if s is not None]
     shape = _stored_shape(readable, image_size) if crops else None

@@ -71,8 +71,7 @@ class FolderData:
 
 
 class DecodedFolder(FolderData):
-    """An ImageNet-style folder decoded into memory (experiment/folder_cache.py: its splits are DecodedSplits),
-    served from the training device with RandomResizedCrop-style augmentation computed there."""
+    """An ImageNet-style folder decoded into memory: its splits are folder_cache.DecodedSplits."""
 
 
 def load_dataset(cfg, train=True):
@@ -163,7 +162,6 @@ def _load_digits(cfg, train=True):
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
-    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
     return TensorData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                       classes=[str(d) for d in range(10)])
 
@@ -204,8 +202,7 @@ def _load_folder(cfg, train=True):
 
 def _decode_folder(cfg, splits):
     """[train, test] decoded (experiment/folder_cache.py) when dataset.cache allows and every split fits
-    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers. The test split is
-    stored as its test views only; the training split also as images to draw crops from."""
+    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers."""
     from experiment import folder_cache
 
     # the values passed config.py's checks (command line or checkpoint); configs stored before the cache existed
@@ -292,7 +289,7 @@ def _drop_unreadable(split, skip):
     _check_unreadable(bad, len(split.samples), split.root, skip)
     if bad:
         _set_samples(split, [s for s, good in zip(split.samples, ok) if good])
-        split.skipped = bad
+        split.unreadable = bad
 
 
 def _check_unreadable(bad, total, root, skip):
@@ -306,9 +303,10 @@ def _check_unreadable(bad, total, root, skip):
 
 
 def report_skipped_images(data):
-    """Log how many unreadable images dataset.skip_bad_images=true left out, per split."""
+    """Log how many unreadable images dataset.skip_bad_images=true left out, per split (a split with unreadable
+    images exists only when skipping them: `_check_unreadable` refuses it otherwise)."""
     for name in ("train", "test"):
-        bad = getattr(getattr(data, name, None), "skipped", None)
+        bad = getattr(getattr(data, name, None), "unreadable", None)
         if bad:
             log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
                         len(bad), name, bad[0])

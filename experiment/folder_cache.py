@@ -60,10 +60,6 @@ class DecodedSplit:
         return self.views.nbytes + (0 if self.images is None else self.images.nbytes)
 
     @property
-    def skipped(self):  # report_skipped_images' name; with unreadable images the split exists only when skipping
-        return self.unreadable
-
-    @property
     def targets(self):
         return self.labels.tolist()
 

@@ -148,24 +148,23 @@ def _decode(samples, sizes, shape, image_size, root):
     view = test_view(image_size)
     views = np.empty((len(samples), image_size, image_size, 3), dtype=np.uint8)
     pixels = None if shape is None else np.empty((len(samples), *shape, 3), dtype=np.uint8)
-    ok = [False] * len(samples)
 
-    def decode(i):
+    def decode(i):  # whether the image could be read
         if sizes[i] is None:
-            return
+            return False
         try:
             im = read_rgb(samples[i][0])
         except UnreadableImage:
-            return
+            return False
         views[i] = np.asarray(view(im))
         if pixels is not None:
             height, width = shape
             if im.size != (width, height):  # antialiased bilinear, as torchvision's PIL transforms resize
                 im = im.resize((width, height), Image.BILINEAR)
             pixels[i] = np.asarray(im)
-        ok[i] = True
+        return True
 
-    map_in_threads(decode, range(len(samples)))
+    ok = map_in_threads(decode, range(len(samples)))
     keep = torch.tensor(ok, dtype=torch.bool)
 
     def kept(array):

@@ -378,7 +378,7 @@ class _ShardedLoader:
     def __len__(self):
         if self.train:
             return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
-        return -(-len(self.eval_indices()) // self.batch_size)
+        return math.ceil(len(self.eval_indices()) / self.batch_size)
 
     def rank_slices(self, start_step=0):
         """Per training step from `start_step` on, this rank's slice of the step's global batch in the order."""

@@ -456,7 +456,7 @@ class ResizedCropLoader(_ShardedLoader):
         for sl in self.rank_slices(start_step):
             j = order[sl]
             top, left, h, w = (boxes[sl] * self.stored_per_original[j].repeat(1, 2)).unbind(1)
-            x = resample(self.images[j], crop_axis(top, h, self.size), crop_axis(left, w, self.size), self.size)
+            x = resample(self.images[j], (top, top + h), (left, left + w), self.size)
             x = torch.where(flips[sl, None, None, None], x.flip(3), x)
             yield normalize(x, self.mean, self.std, self.channels_last), self.labels[j]
 
@@ -487,32 +487,27 @@ def random_resized_crop_boxes(sizes, generator, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.cat([top, left, torch.where(ok, h, fh), torch.where(ok, w, fw)], 1).float()
 
 
-def crop_axis(start, length, size):
-    """One axis of a crop of `length` pixels from `start` resized to `size` (PIL: crop, then resize)."""
-    return start, start + length, torch.full_like(start, size), torch.zeros_like(start), start, start + length
-
-
 def resample(images, rows, cols, size):
-    """uint8 (B, C, size, size): each image resampled as PIL's antialiased bilinear resize does it, columns first,
-    then rows, each pass rounded to 8 bits. An axis is (in0, in1, out_total, offset, lo, hi), each (B,): the
-    input span [in0, in1) maps onto out_total output pixels, of which `size` from `offset` are kept, reading
-    only input pixels inside [lo, hi) (a crop's edges). As weight matrices the whole batch is two matmuls."""
+    """uint8 (B, C, size, size): a crop of each image resized as PIL crops, then resizes (antialiased bilinear),
+    columns first, then rows, each pass rounded to 8 bits. An axis is (in0, in1), each (B,): the crop's span
+    [in0, in1), whose pixels alone are read. As weight matrices the whole batch is two matmuls."""
     x = images.float()
     x = torch.einsum("bchw,bow->bcho", x, _resample_weights(*cols, images.shape[-1], size)).round_().clamp_(0, 255)
     x = torch.einsum("bcho,bph->bcpo", x, _resample_weights(*rows, images.shape[-2], size)).round_().clamp_(0, 255)
     return x.to(torch.uint8)
 
 
-def _resample_weights(in0, in1, out_total, offset, lo, hi, in_size, size):
+def _resample_weights(in0, in1, in_size, size):
     """(B, size, in_size): PIL's triangle-filter coefficients (ImagingResample's precompute_coeffs)."""
     device = in0.device
-    scale = ((in1 - in0) / out_total).float()[:, None, None]
+    # a tensor divisor: CUDA divides by a plain number as a product with its reciprocal, which may lose a bit
+    scale = ((in1 - in0) / torch.full_like(in0, size)).float()[:, None, None]
     filter_scale = scale.clamp(min=1.0)
-    out = offset.float()[:, None, None] + torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
+    out = torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
     centre = in0.float()[:, None, None] + (out + 0.5) * scale
     pixel = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] + 0.5
     weights = (1 - ((pixel - centre) / filter_scale).abs()).clamp(min=0)
-    weights = weights * ((pixel > lo.float()[:, None, None]) & (pixel < hi.float()[:, None, None]))
+    weights = weights * ((pixel > in0.float()[:, None, None]) & (pixel < in1.float()[:, None, None]))
     return weights / weights.sum(2, keepdim=True).clamp(min=1e-12)
 
 

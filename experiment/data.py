@@ -71,8 +71,7 @@ class FolderData:
 
 
 class DecodedFolder(FolderData):
-    """An ImageNet-style folder decoded into memory (experiment/folder_cache.py: its splits are DecodedSplits),
-    served from the training device with RandomResizedCrop-style augmentation computed there."""
+    """An ImageNet-style folder decoded into memory: its splits are folder_cache.DecodedSplits."""
 
 
 def load_dataset(cfg, train=True):
@@ -163,7 +162,6 @@ def _load_digits(cfg, train=True):
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
-    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
     return TensorData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                       classes=[str(d) for d in range(10)])
 
@@ -204,8 +202,7 @@ def _load_folder(cfg, train=True):
 
 def _decode_folder(cfg, splits):
     """[train, test] decoded (experiment/folder_cache.py) when dataset.cache allows and every split fits
-    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers. The test split is
-    stored as its test views only; the training split also as images to draw crops from."""
+    dataset.cache_max_gb; else None, and the folder streams through DataLoader workers."""
     from experiment import folder_cache
 
     # the values passed config.py's checks (command line or checkpoint); configs stored before the cache existed
@@ -292,7 +289,7 @@ def _drop_unreadable(split, skip):
     _check_unreadable(bad, len(split.samples), split.root, skip)
     if bad:
         _set_samples(split, [s for s, good in zip(split.samples, ok) if good])
-        split.skipped = bad
+        split.unreadable = bad
 
 
 def _check_unreadable(bad, total, root, skip):
@@ -306,9 +303,10 @@ def _check_unreadable(bad, total, root, skip):
 
 
 def report_skipped_images(data):
-    """Log how many unreadable images dataset.skip_bad_images=true left out, per split."""
+    """Log how many unreadable images dataset.skip_bad_images=true left out, per split (a split with unreadable
+    images exists only when skipping them: `_check_unreadable` refuses it otherwise)."""
     for name in ("train", "test"):
-        bad = getattr(getattr(data, name, None), "skipped", None)
+        bad = getattr(getattr(data, name, None), "unreadable", None)
         if bad:
             log.warning("left out %d unreadable image(s) of the %s split (dataset.skip_bad_images=true), e.g. %s",
                         len(bad), name, bad[0])
@@ -353,9 +351,11 @@ def normalize(images, mean, std, channels_last=False):
 
 
 class _ShardedLoader:
-    """What both loaders share: the global batch, this rank's share of it, and the normalisation."""
+    """What the loaders share: the global batch, this rank's share of it, and the normalisation. The options
+    every loader takes (mean, std, device, seed, rank, world_size, channels_last) are this class's."""
 
-    def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed, rank, world_size, channels_last):
+    def __init__(self, num_samples, batch_size, *, train, mean, std, device, seed=0, rank=0, world_size=1,
+                 channels_last=False):
         if train and batch_size % world_size:
             raise UserError(f"dataset.batch_size {batch_size} does not divide by the {world_size} processes; "
                             f"it is the global batch, so pick a multiple of {world_size}")
@@ -378,7 +378,7 @@ class _ShardedLoader:
     def __len__(self):
         if self.train:
             return self.num_samples // self.batch_size  # full batches only: static shapes, no 1-sample BN batch
-        return -(-len(self.eval_indices()) // self.batch_size)
+        return math.ceil(len(self.eval_indices()) / self.batch_size)
 
     def rank_slices(self, start_step=0):
         """Per training step from `start_step` on, this rank's slice of the step's global batch in the order."""
@@ -392,16 +392,14 @@ class _ShardedLoader:
 
 
 class DeviceLoader(_ShardedLoader):
-    def __init__(self, images, labels, batch_size, *, train, mean, std, device, crop_padding=4, hflip=True,
-                 seed=0, rank=0, world_size=1, channels_last=False):
-        super().__init__(len(labels), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
-                         rank=rank, world_size=world_size, channels_last=channels_last)
+    def __init__(self, images, labels, batch_size, *, train, crop_padding=4, hflip=True, **options):
+        super().__init__(len(labels), batch_size, train=train, **options)
         self.crop_padding = crop_padding if train else 0
         self.hflip = hflip and train
         p = self.crop_padding
         # Pad once, crop per batch: a crop is then a gather, with no padding work per step.
-        self.images = F.pad(images, (p, p, p, p)).to(device) if p else images.to(device)
-        self.labels = labels.to(device)
+        self.images = F.pad(images, (p, p, p, p)).to(self.device) if p else images.to(self.device)
+        self.labels = labels.to(self.device)
         self.height, self.width = images.shape[-2:]
 
     def epoch(self, epoch, start_step=0):
@@ -409,8 +407,7 @@ class DeviceLoader(_ShardedLoader):
         device = self.labels.device
         if not self.train:
             idx = torch.tensor(self.eval_indices(), device=device)
-            for i in range(start_step * self.batch_size, len(idx), self.batch_size):
-                j = idx[i:i + self.batch_size]
+            for j in idx[start_step * self.batch_size:].split(self.batch_size):
                 yield normalize(self.images[j], self.mean, self.std, self.channels_last), self.labels[j]
             return
         g = epoch_generator(self.seed, epoch)
@@ -440,13 +437,13 @@ class ResizedCropLoader(_ShardedLoader):
     The crop boxes are drawn in each image's original pixels and resampled as PIL does it (`resample`); the
     epoch's order, boxes and flips come from epoch_generator(seed, epoch), so a resumed run replays them."""
 
-    def __init__(self, split, batch_size, *, size, mean, std, device, seed=0, rank=0, world_size=1,
-                 channels_last=False):
-        super().__init__(len(split), batch_size, train=True, mean=mean, std=std, device=device, seed=seed,
-                         rank=rank, world_size=world_size, channels_last=channels_last)
+    def __init__(self, split, batch_size, *, size, **options):
+        super().__init__(len(split), batch_size, train=True, **options)
         self.size, self.original_sizes = size, split.sizes
-        self.images, self.labels = split.images.to(device), split.labels.to(device)
-        self.stored_per_original = _stored_per_original(split).to(device)
+        self.images, self.labels = split.images.to(self.device), split.labels.to(self.device)
+        # (N, 2) stored pixels per original pixel, (rows, columns): maps the crop boxes onto the stored images
+        stored = torch.tensor(split.images.shape[-2:], dtype=torch.float32)
+        self.stored_per_original = (stored / split.sizes.float()).to(self.device)
 
     def epoch(self, epoch, start_step=0):
         """Yield (images float32 normalised, labels) for one epoch, starting at `start_step`."""
@@ -459,7 +456,7 @@ class ResizedCropLoader(_ShardedLoader):
         for sl in self.rank_slices(start_step):
             j = order[sl]
             top, left, h, w = (boxes[sl] * self.stored_per_original[j].repeat(1, 2)).unbind(1)
-            x = resample(self.images[j], crop_axis(top, h, self.size), crop_axis(left, w, self.size), self.size)
+            x = resample(self.images[j], (top, top + h), (left, left + w), self.size)
             x = torch.where(flips[sl, None, None, None], x.flip(3), x)
             yield normalize(x, self.mean, self.std, self.channels_last), self.labels[j]
 
@@ -490,39 +487,28 @@ def random_resized_crop_boxes(sizes, generator, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.cat([top, left, torch.where(ok, h, fh), torch.where(ok, w, fw)], 1).float()
 
 
-def crop_axis(start, length, size):
-    """One axis of a crop of `length` pixels from `start` resized to `size` (PIL: crop, then resize)."""
-    return start, start + length, torch.full_like(start, size), torch.zeros_like(start), start, start + length
-
-
 def resample(images, rows, cols, size):
-    """uint8 (B, C, size, size): each image resampled as PIL's antialiased bilinear resize does it, columns first,
-    then rows, each pass rounded to 8 bits. An axis is (in0, in1, out_total, offset, lo, hi), each (B,): the
-    input span [in0, in1) maps onto out_total output pixels, of which `size` from `offset` are kept, reading
-    only input pixels inside [lo, hi) (a crop's edges). As weight matrices the whole batch is two matmuls."""
+    """uint8 (B, C, size, size): a crop of each image resized as PIL crops, then resizes (antialiased bilinear),
+    columns first, then rows, each pass rounded to 8 bits. An axis is (in0, in1), each (B,): the crop's span
+    [in0, in1), whose pixels alone are read. As weight matrices the whole batch is two matmuls."""
     x = images.float()
     x = torch.einsum("bchw,bow->bcho", x, _resample_weights(*cols, images.shape[-1], size)).round_().clamp_(0, 255)
     x = torch.einsum("bcho,bph->bcpo", x, _resample_weights(*rows, images.shape[-2], size)).round_().clamp_(0, 255)
     return x.to(torch.uint8)
 
 
-def _resample_weights(in0, in1, out_total, offset, lo, hi, in_size, size):
+def _resample_weights(in0, in1, in_size, size):
     """(B, size, in_size): PIL's triangle-filter coefficients (ImagingResample's precompute_coeffs)."""
     device = in0.device
-    scale = ((in1 - in0) / out_total).float()[:, None, None]
+    # a tensor divisor: CUDA divides by a plain number as a product with its reciprocal, which may lose a bit
+    scale = ((in1 - in0) / torch.full_like(in0, size)).float()[:, None, None]
     filter_scale = scale.clamp(min=1.0)
-    out = offset.float()[:, None, None] + torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
+    out = torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
     centre = in0.float()[:, None, None] + (out + 0.5) * scale
     pixel = torch.arange(in_size, device=device, dtype=torch.float32)[None, None, :] + 0.5
     weights = (1 - ((pixel - centre) / filter_scale).abs()).clamp(min=0)
-    weights = weights * ((pixel > lo.float()[:, None, None]) & (pixel < hi.float()[:, None, None]))
+    weights = weights * ((pixel > in0.float()[:, None, None]) & (pixel < in1.float()[:, None, None]))
     return weights / weights.sum(2, keepdim=True).clamp(min=1e-12)
-
-
-def _stored_per_original(split):
-    """(N, 2) stored pixels per original pixel, (rows, columns), for each image of a decoded split."""
-    stored = torch.tensor(split.images.shape[-2:], dtype=torch.float32)
-    return stored / split.sizes.float()
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -540,19 +526,17 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 class FolderLoader(_ShardedLoader):
-    def __init__(self, dataset, batch_size, *, train, mean, std, device, num_workers=8, seed=0, rank=0,
-                 world_size=1, channels_last=False):
-        super().__init__(len(dataset), batch_size, train=train, mean=mean, std=std, device=device, seed=seed,
-                         rank=rank, world_size=world_size, channels_last=channels_last)
+    def __init__(self, dataset, batch_size, *, train, num_workers=8, **options):
+        super().__init__(len(dataset), batch_size, train=train, **options)
         # a weak reference: the finaliser below holds the DataLoader, and through it the sampler, which must not
         # keep this FolderLoader alive (its workers would then outlive it until the process exits)
         self.sampler = _EpochSampler(weakref.proxy(self))
-        local = batch_size // world_size if train else batch_size
+        local = batch_size // self.world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
-            worker_init_fn=_leave_stop_signals_to_the_main_process,
-            generator=torch.Generator().manual_seed(seed * 1000 + rank), drop_last=False)  # ranks augment differently
+            pin_memory=torch.device(self.device).type == "cuda", persistent_workers=num_workers > 0,
+            worker_init_fn=_leave_stop_signals_to_the_main_process, drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed * 1000 + self.rank))  # ranks augment differently
         # weakref.finalize registers its exit hook after multiprocessing's, so it runs first (atexit is LIFO)
         self._end_workers = weakref.finalize(self, _end_workers, self.loader)
 
@@ -601,33 +585,31 @@ def _leave_stop_signals_to_the_main_process(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loaders(data, cfg, *, device, seed, rank=0, world_size=1, channels_last=False):
-    """(train loader, test loader) for what `load_dataset` returned."""
-    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
+def build_loaders(data, cfg, *, seed, **placement):
+    """(train loader, test loader) for what `load_dataset` returned. `placement`: device, and optionally rank,
+    world_size and channels_last."""
+    common = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), seed=seed, **placement)
     if isinstance(data, TensorData):
-        train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True, seed=seed,
+        train = DeviceLoader(data.train_images, data.train_labels, cfg.batch_size, train=True,
                              crop_padding=cfg.crop_padding, hflip=cfg.hflip, **common)
     elif isinstance(data, DecodedFolder):
-        train = ResizedCropLoader(data.train, cfg.batch_size, size=cfg.image_size, seed=seed, **common)
+        train = ResizedCropLoader(data.train, cfg.batch_size, size=cfg.image_size, **common)
     else:
-        train = FolderLoader(data.train, cfg.batch_size, train=True, seed=seed, num_workers=cfg.num_workers,
-                             **common)
-    return train, build_test_loader(data, cfg, device=device, rank=rank, world_size=world_size,
-                                     channels_last=channels_last)
+        train = FolderLoader(data.train, cfg.batch_size, train=True, num_workers=cfg.num_workers, **common)
+    return train, build_test_loader(data, cfg, **placement)
 
 
-def build_test_loader(data, cfg, *, device, rank=0, world_size=1, channels_last=False, split="test"):
+def build_test_loader(data, cfg, *, split="test", **placement):
     """The test split, or with `split="val"` the held-out validation split (this rank's share of it),
-    normalised like the training data."""
-    common = _loader_options(cfg, device=device, rank=rank, world_size=world_size, channels_last=channels_last)
+    normalised like the training data. `placement`: as `build_loaders` takes it."""
+    common = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), **placement)
     if isinstance(data, TensorData):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         return DeviceLoader(images, labels, cfg.eval_batch_size, train=False, **common)
     if isinstance(data, DecodedFolder):  # the test view is the same every epoch: computed once, when decoded
         split = getattr(data, split)
-        return DeviceLoader(split.views, split.labels, cfg.eval_batch_size, train=False, crop_padding=0, **common)
-    return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
-                        **common)
+        return DeviceLoader(split.views, split.labels, cfg.eval_batch_size, train=False, **common)
+    return FolderLoader(getattr(data, split), cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common)
 
 
 def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir=None):
@@ -646,7 +628,3 @@ def checkpoint_test_loader(ckpt, path, overrides, *, device, config_dir=None):
                         f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); its scores would compare "
                         f"wrong labels: use it on the dataset it was trained on")
     return cfg, list(data.classes), build_test_loader(data, cfg, device=device)
-
-
-def _loader_options(cfg, **placement):
-    return dict(mean=tuple(cfg.mean), std=tuple(cfg.std), **placement)

@@ -60,10 +60,6 @@ class DecodedSplit:
         return self.views.nbytes + (0 if self.images is None else self.images.nbytes)
 
     @property
-    def skipped(self):  # report_skipped_images' name; with unreadable images the split exists only when skipping
-        return self.unreadable
-
-    @property
     def targets(self):
         return self.labels.tolist()
 
@@ -152,24 +148,23 @@ def _decode(samples, sizes, shape, image_size, root):
     view = test_view(image_size)
     views = np.empty((len(samples), image_size, image_size, 3), dtype=np.uint8)
     pixels = None if shape is None else np.empty((len(samples), *shape, 3), dtype=np.uint8)
-    ok = [False] * len(samples)
 
-    def decode(i):
+    def decode(i):  # whether the image could be read
         if sizes[i] is None:
-            return
+            return False
         try:
             im = read_rgb(samples[i][0])
         except UnreadableImage:
-            return
+            return False
         views[i] = np.asarray(view(im))
         if pixels is not None:
             height, width = shape
             if im.size != (width, height):  # antialiased bilinear, as torchvision's PIL transforms resize
                 im = im.resize((width, height), Image.BILINEAR)
             pixels[i] = np.asarray(im)
-        ok[i] = True
+        return True
 
-    map_in_threads(decode, range(len(samples)))
+    ok = map_in_threads(decode, range(len(samples)))
     keep = torch.tensor(ok, dtype=torch.bool)
 
     def kept(array):

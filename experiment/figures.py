@@ -33,9 +33,9 @@ def save_skeletons(runs: list[dict], out) -> list[Path]:
     for dataset, models in runs_by_group(runs).items():
         skeletons = {}
         for model in sorted(models, key=model_order):
-            with_ckpt = [r for _, r in sorted(models[model].items()) if (Path(r["dir"]) / "checkpoints/best.pt").is_file()]
-            if with_ckpt:
-                path = Path(with_ckpt[0]["dir"]) / "checkpoints/best.pt"
+            best = [Path(run["dir"], "checkpoints/best.pt") for _, run in sorted(models[model].items())]
+            path = next((p for p in best if p.is_file()), None)
+            if path:
                 fused = fuse_model(model_from_checkpoint(load_checkpoint(path), path))
                 skeletons[f"{model} (fused)" if baseline_of(model) else model] = kernel_skeleton(fused)
         if any(skeletons.values()):  # none for networks without square KxK convs (K > 1)

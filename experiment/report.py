@@ -173,7 +173,7 @@ def _check_run(file: Path, run) -> None:
     # A null, NaN or infinite accuracy (an edited or foreign file) would turn means, intervals and the verdict
     # into blanks and "+nan": refuse it. Only test_acc1 may be absent (older runs).
     for key in METRICS:
-        value = run.get(key, 0.0)  # absent: test_acc1 of an older run
+        value = run.get(key, 0.0)
         if not _is_number(value):
             raise ValueError(f"{file} has {key}={value}, not a finite accuracy; {fix}")
     history = run.get("history", [])
@@ -233,13 +233,10 @@ def _recipe_key(run: dict) -> str:
 
 
 def _assign_groups(runs: list[dict]) -> None:
-    keys = defaultdict(list)  # dataset -> recipe keys, in the order first seen
+    indices = defaultdict(dict)  # dataset -> recipe key -> its index, in the order first seen
     for run in runs:
-        key = _recipe_key(run)
-        if key not in keys[run["dataset"]]:
-            keys[run["dataset"]].append(key)
-    for run in runs:
-        index = keys[run["dataset"]].index(_recipe_key(run))
+        seen = indices[run["dataset"]]
+        index = seen.setdefault(_recipe_key(run), len(seen))
         run["group"] = run["dataset"] if index == 0 else f"{run['dataset']}#{index + 1}"
 
 
@@ -398,33 +395,24 @@ def render_markdown(summary: list[dict], pairs: list[dict], apart=(), unfinished
     lines += ["", "## Paired difference, AC − baseline", ""]
     if not pairs:
         lines.append("No AC model has baseline runs on the same dataset: nothing to pair.")
-        return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
-    lines += ["Percentage points, per seed run in both arms: mean ± sample std of the differences, "
-              "95% Student-t confidence interval of the mean.", "",
-              "| dataset | AC model | baseline | pairs | " + " | ".join(f"Δ {n} | 95% CI" for n in names)
-              + " | unpaired seeds |",
-              "|---|---|---|---:|" + "---:|---:|" * len(METRICS) + "---|"]
-    for p in pairs:
-        unpaired = "; ".join(f"{name}: {_seeds(seeds)}" for name, seeds in
-                             ((p["model"], p["unpaired_ac_seeds"]), (p["baseline"], p["unpaired_baseline_seeds"]))
-                             if seeds) or "none"
-        lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
-                     + " | ".join(f"{_mean_pm_std(p[f'{m}_diff_mean'], p[f'{m}_diff_std'], signed=True)} | "
-                                  f"{ci_text(p, m)}" for m in METRICS) + f" | {unpaired} |")
-    lines += ["", "## Verdict", "",
-              "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
-              "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
-              "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
-    lines += [f"- {verdict_line(p)}" for p in pairs]
-    return "\n".join(lines + _apart_lines(apart, unfinished)) + "\n"
-
-
-def verdict_line(pair: dict) -> str:
-    return f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[pair['verdict_metric']]}: {verdict(pair)}"
-
-
-def _apart_lines(apart, unfinished) -> list[str]:
-    lines = []
+    else:
+        lines += ["Percentage points, per seed run in both arms: mean ± sample std of the differences, "
+                  "95% Student-t confidence interval of the mean.", "",
+                  "| dataset | AC model | baseline | pairs | " + " | ".join(f"Δ {n} | 95% CI" for n in names)
+                  + " | unpaired seeds |",
+                  "|---|---|---|---:|" + "---:|---:|" * len(METRICS) + "---|"]
+        for p in pairs:
+            unpaired = "; ".join(f"{name}: {_seeds(seeds)}" for name, seeds in
+                                 ((p["model"], p["unpaired_ac_seeds"]), (p["baseline"], p["unpaired_baseline_seeds"]))
+                                 if seeds) or "none"
+            lines.append(f"| {p['dataset']} | {p['model']} | {p['baseline']} | {p['n_pairs']} | "
+                         + " | ".join(f"{_mean_pm_std(p[f'{m}_diff_mean'], p[f'{m}_diff_std'], signed=True)} | "
+                                      f"{ci_text(p, m)}" for m in METRICS) + f" | {unpaired} |")
+        lines += ["", "## Verdict", "",
+                  "Read on a number that was not selected on the data it is scored on: the test top-1 of best.pt "
+                  "when best.pt was picked on a validation split (dataset.val_split > 0), else the final epoch's "
+                  "top-1 (best.pt was then picked on the test split itself, which flatters both arms).", ""]
+        lines += [f"- {verdict_line(p)}" for p in pairs]
     if apart:
         lines += ["", "## Runs reported apart", "",
                   "Runs are compared only within one recipe: every config value but the model choice and the seed "
@@ -433,7 +421,12 @@ def _apart_lines(apart, unfinished) -> list[str]:
     if unfinished:
         lines += ["", "## Not counted", ""]
         lines += [f"- {u['dir']}{run_label(u)}: no metrics.json (unfinished or failed)" for u in unfinished]
-    return lines
+    return "\n".join(lines) + "\n"
+
+
+def verdict_line(pair: dict) -> str:
+    return (f"{pair['dataset']}, {pair['model']} vs {pair['baseline']}, {METRIC_NAMES[pair['verdict_metric']]}: "
+            f"{verdict(pair)}")
 
 
 CSV_COLUMNS = ["dataset", "model", "n_seeds", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
@@ -523,14 +516,6 @@ def _verdict_metrics(group: str, models: dict, pairs: list[dict]) -> dict[str, s
     return metric
 
 
-def arm_run_name(group: str, model: str, n: int) -> str:
-    return f"{group}/{model} (n={n})"
-
-
-def diff_run_name(pair: dict) -> str:
-    return f"{pair['dataset']}/{pair['model']} minus {pair['baseline']} (n={pair['n_pairs']} pairs)"
-
-
 def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """TensorBoard run name -> tag -> [(step, value)].
 
@@ -555,7 +540,7 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
                     [(e, list(table[e].values())) for e in sorted(table)], value_bounds(curve))
             tags[f"{VERDICT_NUMBERS_GROUP}/{metric[model]}"] = band_points(
                 [(_last_epoch(seeds.values()), [metric_value(r, metric[model]) for r in seeds.values()])], (0.0, 100.0))
-            series[arm_run_name(group, model, len(seeds))] = _flat_tags(tags)
+            series[f"{group}/{model} (n={len(seeds)})"] = _flat_tags(tags)
         for p in (p for p in pairs if p["dataset"] == group and p["n_pairs"]):
             ac, base, paired = models[p["model"]], models[p["baseline"]], p["paired_seeds"]
             tags = {}
@@ -569,7 +554,7 @@ def sweep_series(runs: list[dict]) -> dict[str, dict[str, list[tuple[int, float]
                 "": [(step, p[f"{m}_diff_mean"])],
                 "_low": [(step, p[f"{m}_ci_low"])] if p["n_pairs"] > 1 else [],
                 "_high": [(step, p[f"{m}_ci_high"])] if p["n_pairs"] > 1 else []}
-            series[diff_run_name(p)] = _flat_tags(tags)
+            series[f"{group}/{p['model']} minus {p['baseline']} (n={p['n_pairs']} pairs)"] = _flat_tags(tags)
     return series
 
 
@@ -587,17 +572,16 @@ def tensorboard_layout() -> dict:
 
 def _inside(root: Path, name: str) -> Path:
     """root/name, refused unless it stays below root (names are checked in `load_runs`; this is the last guard)."""
-    path = root / name
     if ".." in Path(name).parts or Path(name).is_absolute():
         raise ValueError(f"refusing to write TensorBoard run {name!r} outside {root}")
-    return path
+    return root / name
 
 
 def write_tensorboard(runs: list[dict], out, markdown: str = "", unfinished=()) -> Path:
     """TensorBoard runs under ``out/tensorboard``: the arms and differences of `sweep_series`, and run
     `VERDICT_RUN` with the report (``markdown``, TEXT tab), a `verdict_figure` per paired AC model (IMAGES, and
-    Time Series under ``verdict/``, before the ``verdict_numbers/`` of `sweep_series`) and `tensorboard_layout`. Event files of an earlier report there are
-    replaced. Returns out/tensorboard."""
+    Time Series under ``verdict/``, before the ``verdict_numbers/`` of `sweep_series`) and `tensorboard_layout`.
+    Event files of an earlier report there are replaced. Returns out/tensorboard."""
     from torch.utils.tensorboard import SummaryWriter
 
     from experiment.figures import pixels, verdict_figures

@@ -39,13 +39,13 @@ def baseline_of(model: str) -> str | None:
     return head + tail if head and marker and tail[:1] in ("", "_") else None
 
 
-def tensorboard_url(models, port: int = 6006) -> str:
+def tensorboard_url(models) -> str:
     """The TensorBoard address that opens on the verdict: Time Series filtered to the verdict's tags (its
-    figures first, then its numbers), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a regex that
-    captures the model's name in the names of the sweep's runs and the report's (longest name first, so that
-    alexnet_ac is not read as alexnet)."""
+    figures first, then its numbers), smoothing 0, and each arm's runs (its seeds, its mean) in one colour, by a
+    regex that captures the model's name in the names of the sweep's runs and the report's (longest name first,
+    so that alexnet_ac is not read as alexnet)."""
     names = sorted(set(models), key=lambda m: (-len(m), m))
-    return (f"http://127.0.0.1:{port}/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
+    return (f"http://127.0.0.1:6006/?smoothing=0&runColorGroup=regex:({'|'.join(map(re.escape, names))})"
             f"&tagFilter=^{VERDICT_GROUP}#timeseries")
 
 

@@ -20,6 +20,7 @@ measurement on CUDA, and the ratios AC/baseline step time, fused/deploy and fuse
     python -m experiment.bench --device cuda --compile --compile-mode reduce-overhead --json bench.json
 """
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -110,12 +111,12 @@ class TrainRunner:
     def __init__(self, kind, batch_size, args, device, compile_mode=None):
         self.kind, self.batch_size, self.args, self.device = kind, batch_size, args, device
         self.compile_mode = compile_mode
-        self.losses, self.epoch = [], 0
+        self.epoch = 0
 
     def warm(self):
         args, device = self.args, self.device
         optimizer_cfg, scheduler_cfg, trainer_cfg = training_config()
-        self.num_batches = max(args.steps, args.warmup, 1)
+        self.num_batches = max(args.steps, args.warmup)
         self.loader = fake_loader(self.batch_size, self.num_batches, args.image_size, device,
                                   channels_last=args.channels_last, seed=args.seed)
         torch.manual_seed(args.seed)
@@ -134,14 +135,14 @@ class TrainRunner:
         totals, _ = train_one_epoch(self.fast, self.loader, self.optimizer, self.scheduler, epoch=self.epoch,
                                     start_step=self.num_batches - steps, **self.step)
         self.epoch += 1
-        self.losses.append(totals.loss_sum / totals.count)
+        self.loss = totals.loss_sum / totals.count
         return totals.count / totals.seconds
 
     def run(self):
         return self._epoch(self.args.steps)
 
     def result(self):
-        return {"model": self.kind, "mode": _mode_name(self.compile_mode), "loss": self.losses[-1]}
+        return {"model": self.kind, "mode": _mode_name(self.compile_mode), "loss": self.loss}
 
 
 class EvalRunner:
@@ -181,24 +182,25 @@ def measure(runners, repeats, device):
     clock change hits all of them alike, and report the median per runner. On CUDA, each runner's peak
     memory is its own footprint: what it keeps allocated (weights, gradients, optimizer state, data) plus its
     peak during its timed runs, without what the other runners keep."""
-    resident = {}
+    cuda = device.type == "cuda"
+    resident, warmup_s = {}, {}
     for r in runners:
         before = _allocated(device)
         t0 = time.perf_counter()
         r.warm()
-        r.warmup_s = time.perf_counter() - t0
+        warmup_s[r] = time.perf_counter() - t0
         resident[r] = _allocated(device) - before + getattr(r, "owned_bytes", 0)
     per_run, peak = {r: [] for r in runners}, {r: 0 for r in runners}
     for _ in range(repeats):
         for r in runners:
             start = _allocated(device)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             per_run[r].append(r.run())
-            if device.type == "cuda":
+            if cuda:
                 peak[r] = max(peak[r], torch.cuda.max_memory_allocated(device) - start + resident[r])
-    return [_summary(per_run[r], r.batch_size, {**r.result(), "warmup_s": r.warmup_s,
-                                                "peak_mem_bytes": peak[r] if device.type == "cuda" else None})
+    return [_summary(per_run[r], r.batch_size, {**r.result(), "warmup_s": warmup_s[r],
+                                                "peak_mem_bytes": peak[r] if cuda else None})
             for r in runners]
 
 
@@ -225,7 +227,7 @@ def bench_input(batch_size, args, device):
     start = _allocated(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loader = fake_loader(batch_size, max(args.steps, 1), args.image_size, device, channels_last=args.channels_last,
+    loader = fake_loader(batch_size, args.steps, args.image_size, device, channels_last=args.channels_last,
                          seed=args.seed)
 
     def epoch(e):
@@ -274,18 +276,14 @@ def ratios(train, evals):
 
 def machine(device):
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
-    try:
+    with contextlib.suppress(OSError):
         info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other work on a shared machine skews CPU timings
-    except OSError:
-        pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -339,11 +337,11 @@ def _mib(b):
 
 def format_table(results):
     m, s = results["machine"], results["settings"]
-    ratio_text = {name: {(x["mode"], x["batch_size"]): "-" if x["ratio"] is None else f"{x['ratio']:.2f}" for x in rows}
-                  for name, rows in results["ratios"].items()}
+    ratio_text = {(name, x["mode"], x["batch_size"]): "-" if x["ratio"] is None else f"{x['ratio']:.2f}"
+                  for name, rows in results["ratios"].items() for x in rows}
 
     def ratio(name, r):
-        return ratio_text[name].get((r["mode"], r["batch_size"]), "-")
+        return ratio_text.get((name, r["mode"], r["batch_size"]), "-")
 
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_threads']} threads, load average {m.get('load_avg_1min', '?')})"
     amp = "bf16 autocast" if s["amp"] and s["device"].startswith("cuda") else "float32"

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from experiment.errors import UserError, exit_on_user_error
 from experiment.run_dir import check_outputs, is_json_with_keys
@@ -63,8 +65,6 @@ def make_folder(root, images, size, classes, seed=0):
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists and is not a folder this benchmark made with these options; pass another "
                         f"--data (or delete it)")
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for i in range(images):
         split = "val" if i % 10 == 9 else "train"
@@ -77,7 +77,8 @@ def make_folder(root, images, size, classes, seed=0):
 
 
 def run_sweep(repo, folder, out, jobs, epochs, size, device, extra):
-    """Run the sweep; return its timeline: [(seconds since start, line)], exit seconds, status, child counts."""
+    """Run the sweep; return its command, timeline [(seconds since start, line)], exit seconds, status and child
+    process counts."""
     command = [sys.executable, str(repo / "train.py"), "-m", "experiment=tiny", "dataset=folder",
                f"dataset.root={folder}", f"dataset.image_size={size}", f"seed={','.join(map(str, range(jobs)))}",
                f"trainer.epochs={epochs}", f"trainer.device={device}", f"hydra.sweep.dir={out / 'sweep'}", *extra]
@@ -160,8 +161,6 @@ def main(argv=None):
     command, lines, exited, status, counts = run_sweep(args.repo.resolve(), folder, out, args.jobs, args.epochs,
                                                        args.size, args.device, args.overrides)
     result = summarise(lines, exited, status, counts, out / "sweep")
-    import torch
-
     result.update(command=" ".join(command), machine=f"{platform.node()}, {os.cpu_count()} CPUs",
                   torch=torch.__version__, date=datetime.date.today().isoformat(), images=args.images,
                   size=args.size, jobs=args.jobs, epochs=args.epochs)

@@ -8,6 +8,7 @@ checkpoints carry `deploy: True` instead of training state.
 
 Files are written whole or not at all (`atomic_write`); where runs and tools may write is experiment/run_dir.py.
 """
+import contextlib
 import glob
 import os
 import pickle
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from experiment.config import escape_interpolations
+from experiment.config import check_stored_config, escape_interpolations
 from experiment.errors import UserError, first_line
 
 
@@ -48,22 +49,15 @@ def atomic_write(path, write, what="file", then=""):
     except BaseException as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        _remove_empty(made)  # an empty checkpoints/ would make a run directory look as if it held checkpoints
+        with contextlib.suppress(OSError):  # the folders made here, deepest first, as long as they are empty:
+            for folder in made:  # an empty checkpoints/ would make a run directory look as if it held checkpoints
+                folder.rmdir()
         if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write (disk full) as a RuntimeError
             raise
         kept = f"the previous {path} is intact" if path.exists() else f"nothing was written to {path}"
         raise UserError(f"could not write {what} {path} ({first_line(e) or type(e).__name__}); {kept}. Free disk space "
                         f"(df -h {path.parent}) or fix permissions{then}") from None
     return path
-
-
-def _remove_empty(folders):
-    """Remove `folders` (deepest first) as long as they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def remove_stale_temporaries(path):
@@ -189,8 +183,6 @@ def load_checkpoint(path, map_location="cpu", training=False):
     if missing:
         what = "a deploy checkpoint" if ckpt.get("deploy") else f"missing {', '.join(missing)}"
         raise UserError(f"{path} cannot be resumed ({what}); resume from the run's checkpoints/last.pt")
-    from experiment.config import check_stored_config
-
     check_stored_config(ckpt["config"], path, training=training)
     if training:
         _check_training_state(ckpt, path)

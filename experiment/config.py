@@ -31,17 +31,8 @@ def _number(low, high=math.inf, high_open=False, low_open=False):
     if high == math.inf:
         bound = f"above {low}" if low_open else f"of at least {low}"
     else:
-        bound = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        bound = f"in {bound}"
+        bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     return check, f"a finite number {bound}"
-
-
-def _boolean():
-    return (lambda v: isinstance(v, bool)), "true or false"
-
-
-def _path():
-    return (lambda v: isinstance(v, str) and v != ""), "a folder path"
 
 
 def _optional(rule):
@@ -64,6 +55,10 @@ def _one_of(choices):
     return (lambda v: isinstance(v, str) and v in choices), f"one of: {', '.join(choices)}"
 
 
+_BOOLEAN = (lambda v: isinstance(v, bool)), "true or false"
+_PATH = (lambda v: isinstance(v, str) and v != ""), "a folder path"
+
+
 IMAGE_CHANNELS = 3  # every loader of experiment.data yields RGB images
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")  # torch.compile's
 
@@ -76,19 +71,19 @@ TRAIN_RULES = {
     "dataset.val_split": _number(0, 1, high_open=True),
     "dataset.crop_padding": _whole(0),
     "dataset.num_workers": _whole(0),
-    "dataset.hflip": _boolean(),
+    "dataset.hflip": _BOOLEAN,
     "dataset.mean": _numbers(_number(0, 1), IMAGE_CHANNELS),  # per channel, on the 0..1 scale
     "dataset.std": _numbers(_number(0, low_open=True), IMAGE_CHANNELS),
-    "dataset.root": _path(),
-    "dataset.download": _boolean(),
+    "dataset.root": _PATH,
+    "dataset.download": _BOOLEAN,
     "dataset.num_classes": _whole(1),  # dataset=fake
     "dataset.train_size": _whole(1),
     "dataset.test_size": _whole(1),
-    "dataset.verify_images": _boolean(),
-    "dataset.skip_bad_images": _boolean(),
+    "dataset.verify_images": _BOOLEAN,
+    "dataset.skip_bad_images": _BOOLEAN,
     "dataset.cache": _one_of(("auto", "off")),  # dataset=folder: decode once into a cache, or stream
     "dataset.cache_max_gb": _number(0),  # 0 never caches, as cache=off
-    "dataset.cache_dir": _optional(_path()),
+    "dataset.cache_dir": _optional(_PATH),
     "model.width": _number(0, low_open=True),  # AlexNet's channel multiplier (inf: an OverflowError traceback)
     "model.classifier_width": _whole(1),  # 0 built a classifier of empty layers
     "model.dropout": _number(0, 1, high_open=True),  # nan was accepted by nn.Dropout
@@ -98,16 +93,16 @@ TRAIN_RULES = {
     "trainer.save_every": _whole(1),
     "trainer.log_every": _whole(1),
     "trainer.label_smoothing": _number(0, 1, high_open=True),
-    "trainer.amp": _boolean(),
-    "trainer.channels_last": _boolean(),
-    "trainer.compile": _boolean(),
+    "trainer.amp": _BOOLEAN,
+    "trainer.channels_last": _BOOLEAN,
+    "trainer.compile": _BOOLEAN,
     "trainer.compile_mode": _one_of(COMPILE_MODES),  # else torch.compile fails at the first step
-    "trainer.progress": _boolean(),
-    "trainer.sync_bn": _boolean(),
+    "trainer.progress": _BOOLEAN,
+    "trainer.sync_bn": _BOOLEAN,
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),
     "optimizer.momentum": _number(0, 1, high_open=True),
-    "optimizer.nesterov": _boolean(),
+    "optimizer.nesterov": _BOOLEAN,
     "scheduler.warmup_epochs": _number(0),
     "scheduler.warmup_start_factor": _number(0, 1),
     "scheduler.min_factor": _number(0, 1),
@@ -192,16 +187,14 @@ def check_code_names(config, where="", training=False):
     if source not in (_ABSENT, None, *MODEL_SOURCES):
         raise UserError(f"model.source={source!r}{where} is not valid: it must be one of: {', '.join(MODEL_SOURCES)}")
     architectures = torchvision_builders() if source == "torchvision" else ARCHITECTURES
-    needed = [("model.arch", architectures), ("model.name", None), ("dataset.name", DATASETS)]
+    needed = {"model.arch": _one_of(architectures), "model.name": ((lambda v: isinstance(v, str)), "a string"),
+              "dataset.name": _one_of(DATASETS)}
     if training:
-        needed += [("optimizer._target_", OPTIMIZERS), ("scheduler.name", SCHEDULES)]
-    for key, choices in needed:
+        needed |= {"optimizer._target_": _one_of(OPTIMIZERS), "scheduler.name": _one_of(SCHEDULES)}
+    for key, (check, accepts) in needed.items():
         value = _select(config, key)
         if value is _ABSENT or value is None:
             raise UserError(f"the config{where} has no {key}; it was edited or written by other code: use a "
                             f"checkpoint written by train.py or fuse.py")
-        if choices is None:
-            if not isinstance(value, str):
-                raise UserError(f"{key}={value!r}{where} is not valid: it must be a string")
-        elif not isinstance(value, str) or value not in choices:
-            raise UserError(f"{key}={value!r}{where} is not valid: it must be one of: {', '.join(choices)}")
+        if not check(value):
+            raise UserError(f"{key}={value!r}{where} is not valid: it must be {accepts}")

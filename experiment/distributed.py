@@ -102,14 +102,13 @@ def wrap_ddp(model, world, device, sync_bn=False):
     the model itself otherwise."""
     if not world.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     if sync_bn and device.type != "cuda":
         raise UserError("trainer.sync_bn=true needs GPUs (PyTorch's SyncBatchNorm does not run on CPU); "
                         "drop it, or train on CUDA devices")
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def unwrap(model):

@@ -32,29 +32,30 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            _exit_with(e)
+            exit_with(e)
         except torch.cuda.OutOfMemoryError as e:
-            _exit_with(f"the GPU ran out of memory ({first_line(e, 120)}); "
-                       "try a smaller dataset.batch_size or dataset.eval_batch_size")
+            exit_with(f"the GPU ran out of memory ({first_line(e, 120)}); "
+                      "try a smaller dataset.batch_size or dataset.eval_batch_size")
         except (MemoryError, RuntimeError) as e:  # the host's memory: an allocation larger than the machine
             if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
                 raise
-            _exit_with(f"the machine ran out of memory ({first_line(e) or 'MemoryError'}); try a smaller "
-                       "dataset.batch_size, dataset.eval_batch_size or dataset.image_size")
+            exit_with(f"the machine ran out of memory ({first_line(e) or 'MemoryError'}); try a smaller "
+                      "dataset.batch_size, dataset.eval_batch_size or dataset.image_size")
         except MissingMandatoryValue as e:  # a `???` in the config that the command line did not fill in
             key = getattr(e, "full_key", None) or "a required config value"
-            _exit_with(f"{key} is required; pass {key}=... on the command line")
+            exit_with(f"{key} is required; pass {key}=... on the command line")
         except InterpolationResolutionError as e:  # a `${...}` given on the command line that does not resolve
             key = getattr(e, "full_key", None) or "a config value"
-            _exit_with(f"{key}: its interpolation does not resolve ({first_line(e)}); fix it, or write a literal "
-                       f"${{ as \\${{")
+            exit_with(f"{key}: its interpolation does not resolve ({first_line(e)}); fix it, or write a literal "
+                      f"${{ as \\${{")
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
-            _exit_with("interrupted", status=130)
+            exit_with("interrupted", status=130)
 
     return wrapper
 
 
-def _exit_with(message, status=2):
+def exit_with(message, status=2):
+    """End the process with one `error: <message>` line on stderr."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 

@@ -12,7 +12,7 @@ import torch
 
 from nets import AlexNetOptions, acify
 
-from experiment.errors import UserError, choose
+from experiment.errors import UserError, choose, first_line
 
 
 MODEL_SOURCES = ("torchvision",)  # model.source: where model.arch comes from (absent: ARCHITECTURES below)
@@ -86,10 +86,11 @@ def check_input_fits(model, images, name):
         with torch.no_grad():
             model.eval()(images)
     except RuntimeError as e:
+        imagenet = getattr(getattr(model, "options", None), "layout", None) == "imagenet"
         hint = ("the imagenet layout needs at least 63 pixels: use model=alexnet or alexnet_ac for 32-pixel data"
-                if getattr(getattr(model, "options", None), "layout", None) == "imagenet" else "use larger images or another model")
+                if imagenet else "use larger images or another model")
         raise UserError(f"model {name} does not fit {images.shape[-2]}x{images.shape[-1]} images "
-                        f"({str(e).splitlines()[0][:100]}); {hint}") from None
+                        f"({first_line(e, 100)}); {hint}") from None
     finally:
         model.train(was_training)
 
@@ -158,7 +159,8 @@ def export_onnx(model, example):
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
                                     output_names=["logits"], dynamic_shapes=({0: Dim("batch")},), verbose=False)
     except ImportError as e:
-        raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install -r requirements.txt") from None
+        raise UserError(f"ONNX export needs the onnx and onnxscript packages ({e}); "
+                        "pip install -r requirements.txt") from None
     return program.model_proto.SerializeToString()
 
 

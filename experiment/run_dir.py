@@ -14,7 +14,6 @@ import atexit
 import json
 import os
 import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -24,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiment.checkpoint import pid_alive, remove_stale_temporaries
-from experiment.errors import UserError
+from experiment.errors import UserError, exit_with
 
 
 def _is_main_process():
@@ -75,9 +74,7 @@ _DOLLAR_BRACE = "its name holds ${, which Hydra reads as an interpolation even w
 
 def _exit_unusable_run_dir(path, why, option="hydra.run.dir"):
     what = "sweep" if option == "hydra.sweep.dir" else "run"
-    print(f"error: cannot use {path} as the {what} directory ({why}); pass a writable {option}", file=sys.stderr,
-          flush=True)
-    sys.exit(2)
+    exit_with(f"cannot use {path} as the {what} directory ({why}); pass a writable {option}")
 
 
 def _folder_problem(path):
@@ -93,15 +90,11 @@ def _folder_problem(path):
     return None
 
 
-def _log_file(path):
-    return path if _is_main_process() else os.devnull
-
-
 def register_resolvers():
     """The resolvers configs/train.yaml uses to name a run's directory, log file and model (`model_run_name`:
     <arch> or <arch>_ac for torchvision models); an entry point calls this before Hydra composes its config."""
     OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
-    OmegaConf.register_new_resolver("log_file", _log_file, replace=True)
+    OmegaConf.register_new_resolver("log_file", lambda path: path if _is_main_process() else os.devnull, replace=True)
     OmegaConf.register_new_resolver("model_run_name", lambda arch, ac: f"{arch}_ac" if ac else arch, replace=True)
 
 
@@ -124,15 +117,14 @@ def check_run_dir_free(run_dir, resuming=None):
         return
     marked = (run_dir / RUN_MARKER).is_file()
     if resuming:
-        own = run_dir.resolve() == run_dir_of_checkpoint(resuming)
-        if own and marked:
-            return
-        if own:
+        if run_dir.resolve() != run_dir_of_checkpoint(resuming):
+            raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
+                            f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
+        if not marked:
             raise UserError(f"{run_dir} is not a run directory train.py made (it has no {RUN_MARKER}: a checkpoint "
                             f"copied there, or a run older than the marker), so {resuming} does not continue there; "
                             f"pass hydra.run.dir=<a new folder> to continue that run in it")
-        raise UserError(f"{run_dir} already holds another run than the one {resuming} belongs to; leave out "
-                        f"hydra.run.dir to continue in {run_dir_of_checkpoint(resuming)}, or pick a new directory")
+        return
     last = run_dir / "checkpoints" / "last.pt"
     if marked and last.is_file():
         raise UserError(f"{run_dir} already holds a run; choose another hydra.run.dir, or continue that run with "
@@ -168,11 +160,12 @@ def claim_run_dir(run_dir, resuming=None):
                 os.link(tmp, lock)  # atomic and exclusive: fails when the claim exists; never half-written
                 break
             except FileExistsError:
-                owner = _live_owner(lock)
-                if owner is not None:
-                    raise UserError(f"{run_dir} is in use by a running train.py (process {owner[0]} on "
-                                    f"{owner[1]}); wait for it to end or choose another hydra.run.dir (if no "
-                                    f"run is active there, delete {lock})") from None
+                pid, host = _read_claim(lock) or (None, None)
+                # another process that may still run (on another machine, or running here) keeps its claim
+                if host and (host != socket.gethostname() or (pid != os.getpid() and pid_alive(pid))):
+                    raise UserError(f"{run_dir} is in use by a running train.py (process {pid} on {host}); wait for "
+                                    f"it to end or choose another hydra.run.dir (if no run is active there, delete "
+                                    f"{lock})") from None
                 lock.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot claim {run_dir} as the run directory ({e.strerror or e}); pass a writable "
@@ -206,15 +199,6 @@ def _read_claim(lock):
         return int(pid), host
     except (OSError, ValueError):
         return None
-
-
-def _live_owner(lock):
-    """(pid, host) of the claim's owner when it is another process that may still run: on another machine,
-    or running here; None when the claim is stale (its process ended) or this process's own."""
-    owner = _read_claim(lock)
-    if owner and owner[1] == socket.gethostname() and (owner[0] == os.getpid() or not pid_alive(owner[0])):
-        return None
-    return owner
 
 
 def check_outputs(outputs, inputs, option="out", replaceable=lambda path: False):

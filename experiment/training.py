@@ -34,7 +34,7 @@ from experiment.errors import UserError
 from experiment.evaluation import autocast_context, evaluate
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
-from experiment.run_dir import claim_run_dir, run_dir_of_checkpoint
+from experiment.run_dir import claim_run_dir, release_run_dir, run_dir_of_checkpoint
 from experiment.tracking import RunTracker, arms, session_group, tensorboard_url, write_json
 
 log = logging.getLogger("train")
@@ -56,7 +56,8 @@ def train(cfg, run_dir, overrides=()):
         device = select_device(device_option, world.local_rank)
         run_dir = Path(broadcast_object(str(run_dir), world))
         if world.is_main:  # rank 0 alone writes the run directory; its tracker and saver are idle elsewhere
-            claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
+            # the claim ends with the run, not with the process: a sweep runs all its jobs in one process
+            run.callback(release_run_dir, claim_run_dir(run_dir, resuming=cfg.resume if resume else None))
             # resolved, with any `${` a value holds escaped: OmegaConf.load gives back these values, runs nothing
             OmegaConf.save(literal_config(OmegaConf.to_container(cfg, resolve=True)), run_dir / "config.yaml")
             log.info("run directory: %s", run_dir)

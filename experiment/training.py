@@ -34,7 +34,7 @@ from experiment.errors import UserError
 from experiment.evaluation import autocast_context, evaluate
 from experiment.models import build_model, check_input_fits, model_from_checkpoint
 from experiment.optim import build_optimizer, build_scheduler
-from experiment.run_dir import claim_run_dir, run_dir_of_checkpoint
+from experiment.run_dir import claim_run_dir, release_run_dir, run_dir_of_checkpoint
 from experiment.tracking import RunTracker, arms, session_group, tensorboard_url, write_json
 
 log = logging.getLogger("train")
@@ -56,7 +56,8 @@ def train(cfg, run_dir, overrides=()):
         device = select_device(device_option, world.local_rank)
         run_dir = Path(broadcast_object(str(run_dir), world))
         if world.is_main:  # rank 0 alone writes the run directory; its tracker and saver are idle elsewhere
-            claim_run_dir(run_dir, resuming=cfg.resume if resume else None)
+            # the claim ends with the run, not with the process: a sweep runs all its jobs in one process
+            run.callback(release_run_dir, claim_run_dir(run_dir, resuming=cfg.resume if resume else None))
             # resolved, with any `${` a value holds escaped: OmegaConf.load gives back these values, runs nothing
             OmegaConf.save(literal_config(OmegaConf.to_container(cfg, resolve=True)), run_dir / "config.yaml")
             log.info("run directory: %s", run_dir)
@@ -263,8 +264,10 @@ def resumed_totals(saved, world):
 def record_epoch(epoch, totals, val, optimizer, device, world, tracker, epochs):
     """Epoch `epoch`'s history record (loss and top-1 of its `totals` over all ranks, learning rate, speed, and
     its `val` scores when it was evaluated), also sent to TensorBoard and the log."""
-    reduced = reduce_train_totals(totals, device, world)
-    record = {"epoch": epoch + 1, "train_loss": reduced["loss"], "train_acc1": reduced["acc1"],
+    # the loss and top-1 of the whole data: the sums over all ranks
+    sums = torch.tensor([totals.loss_sum, totals.correct, totals.count], dtype=torch.float64, device=device)
+    loss_sum, correct, count = all_reduce_sum(sums, world).tolist()
+    record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1), "train_acc1": 100.0 * correct / max(count, 1),
               "lr": optimizer.param_groups[0]["lr"], "epoch_s": totals.seconds,
               "img_per_s": totals.count * world.size / max(totals.seconds, 1e-9)}
     if val:
@@ -307,9 +310,9 @@ def log_kernel_skeleton(tracker, model, name):
 class NonFiniteLoss(Exception):
     """`epoch` and `step` are 0-based like the loop's; the message counts from 1, as the logs do."""
 
-    def __init__(self, epoch, step, steps_per_epoch=None):
-        of = f" of {steps_per_epoch}" if steps_per_epoch else ""
-        super().__init__(f"the training loss became non-finite (nan or inf) at epoch {epoch + 1}, step {step + 1}{of}")
+    def __init__(self, epoch, step, steps_per_epoch):
+        super().__init__(f"the training loss became non-finite (nan or inf) at epoch {epoch + 1}, step {step + 1} "
+                         f"of {steps_per_epoch}")
         self.epoch, self.step = epoch, step
 
 
@@ -378,17 +381,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, epoch, device, amp=F
     return totals, step
 
 
-def _check_finite(first_bad, epoch, steps_per_epoch=None):
+def _check_finite(first_bad, epoch, steps_per_epoch):
     bad = int(first_bad.item())
     if bad >= 0:
         raise NonFiniteLoss(epoch, bad, steps_per_epoch)
-
-
-def reduce_train_totals(totals, device, world):
-    """Sum the loss and accuracy counts over all ranks: the epoch's loss and top-1 on the whole data."""
-    t = torch.tensor([totals.loss_sum, totals.correct, totals.count], dtype=torch.float64, device=device)
-    loss_sum, correct, count = all_reduce_sum(t, world).tolist()
-    return {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct / max(count, 1)}
 
 
 class StopRequest:

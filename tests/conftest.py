@@ -120,7 +120,7 @@ def run_main(script, *overrides, check=True, composed=None):
     CompletedProcess: the exit status (0, or that of the SystemExit the run raised), the console log as stdout,
     what was printed to stderr. Overrides must be ones a single run accepts (no -m)."""
     from experiment.errors import exit_on_user_error
-    from experiment.run_dir import CLAIM, release_run_dir
+    from experiment.run_dir import CLAIM
     from experiment.training import train
 
     overrides = list(map(str, overrides))
@@ -156,8 +156,9 @@ def run_main(script, *overrides, check=True, composed=None):
         root.handlers[:], level, handler = saved
         root.setLevel(level)
         signal.signal(signal.SIGINT, handler)
-        if run_dir is not None and Path(script).stem == "train":  # a claim goes when train.py's process ends;
-            release_run_dir(run_dir / CLAIM)  # here the run ends instead
+    claim = run_dir / CLAIM if run_dir is not None and Path(script).stem == "train" else None
+    if claim and claim.is_file() and claim.read_text().split()[:1] == [str(os.getpid())]:
+        raise AssertionError(f"{script} {' '.join(overrides)} ended but left its claim on {run_dir}")
     proc = subprocess.CompletedProcess([script, *overrides], returncode, stdout.getvalue(), stderr.getvalue())
     if check and returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} exited {returncode}\n"

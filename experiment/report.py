@@ -197,12 +197,14 @@ def load_runs(paths) -> list[dict]:
     runs, seen_files = [], set()
     for path in map(Path, paths):
         if not path.exists():
-            raise ValueError(f"{path} does not exist; pass a run directory holding metrics.json or a sweep directory above such runs.")
+            raise ValueError(f"{path} does not exist; pass a run directory holding metrics.json or a sweep directory "
+                             "above such runs.")
         files, unfinished = _walk(path)
         for run_dir in unfinished:
             log.warning("skipping %s: no metrics.json yet (run unfinished or failed)", run_dir)
         if not files:
-            raise ValueError(f"no metrics.json found under {path}; pass a finished run directory or a sweep directory that holds finished runs.")
+            raise ValueError(f"no metrics.json found under {path}; pass a finished run directory or a sweep directory "
+                             "that holds finished runs.")
         for file in files:
             if file.resolve() in seen_files:  # a run dir given again inside a sweep dir given too
                 continue

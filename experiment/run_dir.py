@@ -147,8 +147,9 @@ def _contents(run_dir):
 def claim_run_dir(run_dir, resuming=None):
     """Make `run_dir` (created when absent) this process's: refuse a directory this run does not own (see
     `check_run_dir_free`) or one a running train.py has claimed, then mark it as a run directory (RUN_MARKER).
-    The claim is a file holding `pid host`, created atomically; it goes when this process exits, and one left by
-    a killed process of this machine no longer counts."""
+    The claim is a file holding `pid host`, created atomically; the caller releases it when the run ends
+    (`release_run_dir`; at the latest it goes when this process exits), and one left by a killed process of this
+    machine no longer counts. Returns the claim's path."""
     run_dir = Path(run_dir)
     lock = run_dir / CLAIM
     tmp = run_dir / f"{CLAIM}.{os.getpid()}.tmp"

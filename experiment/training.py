@@ -134,10 +134,19 @@ def train(cfg, run_dir, overrides=()):
                     "train_seconds": train_seconds(), "num_classes": num_classes, "classes": list(data.classes),
                     "config": OmegaConf.to_container(cfg, resolve=True)}
 
-        # The epoch loop. A stop signal saves last.pt mid-epoch and exits with 128 + the signal number; one after
-        # the last step lets the end-of-run report below finish first (the handlers stay until the run ends).
+        # The epoch loop. A stop signal saves last.pt where the run stopped (after the step it came with, or at the
+        # end of the epoch whose last step it came with) and exits with 128 + the signal number; one after the
+        # last step lets the end-of-run report below finish first (the handlers stay until the run ends).
         bars = tc.progress and world.is_main and sys.stderr.isatty()  # a log file gets plain lines
         stop = run.enter_context(StopRequest(world, device, every=tc.log_every))
+
+        def stop_run(epoch, step, totals=None):
+            path = saver.save_interrupted(state(epoch, step, totals))
+            if path:
+                log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
+                            stop.signal.name, epoch + 1, step, path, resume_command(path))
+            sys.exit(stop.exit_code)
+
         run.enter_context(logging_redirect_tqdm())
         epoch_bar = tqdm(range(epoch, tc.epochs), desc="epochs", initial=epoch, total=tc.epochs,
                          disable=not bars, dynamic_ncols=True)
@@ -156,12 +165,8 @@ def train(cfg, run_dir, overrides=()):
                                 f"scheduler.warmup_epochs") from None
             finally:
                 batch_bar.close()
-            if step < len(train_loader):  # stopped by a signal: save mid-epoch and tell how to continue
-                path = saver.save_interrupted(state(epoch, step, totals))
-                if path:
-                    log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
-                                stop.signal.name, epoch + 1, step, path, resume_command(path))
-                sys.exit(stop.exit_code)
+            if step < len(train_loader):  # stopped by a signal mid-epoch
+                stop_run(epoch, step, totals)
             val = None
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                 val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
@@ -174,6 +179,8 @@ def train(cfg, run_dir, overrides=()):
             if best_acc1 is not None:
                 epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
             saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0))
+            if stop.requested and epoch + 1 < tc.epochs:  # it came with the epoch's last step (a one-step epoch's
+                stop_run(epoch + 1, 0)  # every step): the run stops here, not one step into the next epoch
         epoch_bar.close()
 
         # The end of the run, on rank 0: best.pt on the test split, metrics.json, TensorBoard, a summary
@@ -391,11 +398,12 @@ class StopRequest:
     """Call it after each step: true once a stop signal arrived (on any rank, under torchrun).
 
     A second Ctrl-C stops at once. Under torchrun the ranks agree every `every` steps, so they all stop
-    after the same step and none is left waiting in a collective."""
+    after the same step and none is left waiting in a collective. `requested` is what the last call said (the
+    same on every rank)."""
 
     def __init__(self, world, device, every=1):
         self.world, self.device, self.every = world, device, every
-        self.signal = None
+        self.signal, self.requested = None, False
         self.calls = 0
 
     def __enter__(self):
@@ -417,12 +425,13 @@ class StopRequest:
 
     def __call__(self):
         if not self.world.distributed:
-            return self.signal is not None
+            self.requested = self.signal is not None
+            return self.requested
         self.calls += 1
         if self.calls % self.every:
             return False
         flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        stop = bool(all_reduce_sum(flag, self.world).item())
-        if stop and self.signal is None:
+        self.requested = bool(all_reduce_sum(flag, self.world).item())
+        if self.requested and self.signal is None:
             self.signal = signal.SIGTERM
-        return stop
+        return self.requested

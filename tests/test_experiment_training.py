@@ -147,3 +147,35 @@ def test_a_signal_during_the_end_of_run_report_lets_it_finish_then_stops(tmp_pat
     assert proc.returncode == 128 + signal.SIGINT
     assert "interrupted (SIGINT) after the last epoch; the run is complete" in proc.stdout
     assert "done: best" in proc.stdout and read_metrics(tmp_path / "run")["history"]
+
+
+def test_a_signal_with_the_last_step_of_an_epoch_stops_at_that_epochs_end(tmp_path, monkeypatch):
+    """A stop that comes with an epoch's last step is honoured once that epoch is evaluated and saved. Every step
+    of a one-step epoch is its last: such a run used to train on to its end, ignoring `timeout` and `scancel`."""
+    import signal
+
+    import torch
+
+    from conftest import TINY, read_metrics, run_main
+    import experiment.training as training
+
+    record = training.record_epoch
+
+    def signalled_after_epoch_1(epoch, *args):  # after epoch 1's step: epoch 2's one step is where the run learns it
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record(epoch, *args)
+
+    monkeypatch.setattr(training, "record_epoch", signalled_after_epoch_1)
+    one_step = [*TINY, "dataset.batch_size=1024", "trainer.epochs=4"]  # 1,437 training images: one step per epoch
+    run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
+    proc = run_main("train.py", *one_step, f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:]
+    assert f"interrupted (SIGTERM) at epoch 3, step 0; saved {last}" in proc.stdout
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (2, 0, 2)
+    assert not (run_dir / "metrics.json").exists()
+
+    monkeypatch.setattr(training, "record_epoch", record)
+    run_main("train.py", f"resume={last}")
+    assert [h["epoch"] for h in read_metrics(run_dir)["history"]] == [1, 2, 3, 4]

@@ -407,7 +407,8 @@ class DeviceLoader(_ShardedLoader):
         device = self.labels.device
         if not self.train:
             idx = torch.tensor(self.eval_indices(), device=device)
-            for j in idx[start_step * self.batch_size:].split(self.batch_size):
+            for i in range(start_step * self.batch_size, len(idx), self.batch_size):
+                j = idx[i:i + self.batch_size]
                 yield normalize(self.images[j], self.mean, self.std, self.channels_last), self.labels[j]
             return
         g = epoch_generator(self.seed, epoch)

@@ -265,6 +265,7 @@ def test_ranks_split_each_global_batch(images):
 def test_evaluation_counts_every_sample_once_across_ranks(images):
     seen = [y for r in range(5) for _, y in batches(loader(images, train=False, rank=r, world=5))]
     assert sorted(torch.cat(seen).tolist()) == list(range(N))
+    assert batches(loader(images, train=False, rank=N, world=N + 1)) == []  # a rank with no test sample: no batch
     x, y = batches(loader(images, train=False, batch=N))[0]
     assert torch.equal(x, normalize(images, MEAN, STD)) and torch.equal(y, torch.arange(N))
 

@@ -11,6 +11,7 @@ eval.py, fuse.py and the bench write never onto one of their inputs, never over 
 themselves, never into a place that cannot hold the file (`check_outputs`).
 """
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -190,7 +191,10 @@ def claim_run_dir(run_dir, resuming=None):
 
 def release_run_dir(lock):
     if _read_claim(lock) == (os.getpid(), socket.gethostname()):
-        Path(lock).unlink(missing_ok=True)
+        # a claim that cannot be removed must not replace how the run ended (its exit status, its error): once
+        # this process is gone, the claim no longer counts on this machine, and the refusal elsewhere names it
+        with contextlib.suppress(OSError):
+            Path(lock).unlink(missing_ok=True)
 
 
 def _read_claim(lock):

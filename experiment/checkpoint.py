@@ -110,14 +110,15 @@ class CheckpointSaver:
     def __init__(self, directory, save_every, epochs, enabled=True):
         self.directory, self.save_every, self.epochs, self.enabled = Path(directory), save_every, epochs, enabled
 
-    def save_epoch(self, epoch, is_best, state):
-        """After epoch `epoch` (counted from 1); `state()` builds the checkpoint when one is due."""
-        save_last = epoch % self.save_every == 0 or epoch == self.epochs
+    def save_epoch(self, epoch, is_best, state, save_last=False):
+        """After epoch `epoch` (counted from 1); `state()` builds the checkpoint when one is due (`save_last`:
+        last.pt is, whatever `save_every` says). Returns the path of last.pt when it was written here."""
+        save_last = save_last or epoch % self.save_every == 0 or epoch == self.epochs
         if not (save_last or is_best):
-            return
+            return None
         state = state()
         if not self.enabled:
-            return
+            return None
         last, best = self.directory / "last.pt", self.directory / "best.pt"
         if save_last:
             save_checkpoint(state, last, then=self._then())
@@ -125,6 +126,7 @@ class CheckpointSaver:
             link_checkpoint(last, best)
         elif is_best:
             save_checkpoint(state, best, then=self._then())
+        return last if save_last else None
 
     def save_interrupted(self, state):
         """last.pt of a run stopped mid-epoch: its path on rank 0, None elsewhere."""

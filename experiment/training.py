@@ -135,13 +135,12 @@ def train(cfg, run_dir, overrides=()):
                     "config": OmegaConf.to_container(cfg, resolve=True)}
 
         # The epoch loop. A stop signal saves last.pt where the run stopped (after the step it came with, or at the
-        # end of the epoch whose last step it came with) and exits with 128 + the signal number; one after the
-        # last step lets the end-of-run report below finish first (the handlers stay until the run ends).
+        # end of the epoch whose last step or evaluation it came with) and exits with 128 + the signal number; one
+        # after the last epoch lets the end-of-run report below finish first (the handlers stay until the run ends).
         bars = tc.progress and world.is_main and sys.stderr.isatty()  # a log file gets plain lines
         stop = run.enter_context(StopRequest(world, device, every=tc.log_every))
 
-        def stop_run(epoch, step, totals=None):
-            path = saver.save_interrupted(state(epoch, step, totals))
+        def stopped(epoch, step, path):  # `path`: last.pt, just saved (None on ranks that do not write)
             if path:
                 log.warning("interrupted (%s) at epoch %d, step %d; saved %s\nresume with: python %s",
                             stop.signal.name, epoch + 1, step, path, resume_command(path))
@@ -166,7 +165,7 @@ def train(cfg, run_dir, overrides=()):
             finally:
                 batch_bar.close()
             if step < len(train_loader):  # stopped by a signal mid-epoch
-                stop_run(epoch, step, totals)
+                stopped(epoch, step, saver.save_interrupted(state(epoch, step, totals)))
             val = None
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                 val = evaluate(fast_model, val_loader, num_classes=num_classes, device=device, world=world,
@@ -178,9 +177,11 @@ def train(cfg, run_dir, overrides=()):
             totals, step = None, 0
             if best_acc1 is not None:
                 epoch_bar.set_postfix(best_val_acc1=f"{best_acc1:.2f}")
-            saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0))
-            if stop.requested and epoch + 1 < tc.epochs:  # it came with the epoch's last step (a one-step epoch's
-                stop_run(epoch + 1, 0)  # every step): the run stops here, not one step into the next epoch
+            # a stop that came with the epoch's last step (a one-step epoch's every step) or during its evaluation
+            stopping = epoch + 1 < tc.epochs and stop(at_epoch_end=True)
+            last = saver.save_epoch(epoch + 1, is_best, lambda: state(epoch + 1, 0), save_last=stopping)
+            if stopping:
+                stopped(epoch + 1, 0, last)
         epoch_bar.close()
 
         # The end of the run, on rank 0: best.pt on the test split, metrics.json, TensorBoard, a summary
@@ -397,13 +398,12 @@ def _check_finite(first_bad, epoch, steps_per_epoch):
 class StopRequest:
     """Call it after each step: true once a stop signal arrived (on any rank, under torchrun).
 
-    A second Ctrl-C stops at once. Under torchrun the ranks agree every `every` steps, so they all stop
-    after the same step and none is left waiting in a collective. `requested` is what the last call said (the
-    same on every rank)."""
+    A second Ctrl-C stops at once. Under torchrun the ranks agree every `every` steps and at every epoch's end
+    (`at_epoch_end`), so they all stop at the same point and none is left waiting in a collective."""
 
     def __init__(self, world, device, every=1):
         self.world, self.device, self.every = world, device, every
-        self.signal, self.requested = None, False
+        self.signal = None
         self.calls = 0
 
     def __enter__(self):
@@ -423,15 +423,14 @@ class StopRequest:
     def exit_code(self):
         return 128 + int(self.signal or signal.SIGTERM)
 
-    def __call__(self):
+    def __call__(self, at_epoch_end=False):
         if not self.world.distributed:
-            self.requested = self.signal is not None
-            return self.requested
+            return self.signal is not None
         self.calls += 1
-        if self.calls % self.every:
+        if self.calls % self.every and not at_epoch_end:
             return False
         flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        self.requested = bool(all_reduce_sum(flag, self.world).item())
-        if self.requested and self.signal is None:
+        stop = bool(all_reduce_sum(flag, self.world).item())
+        if stop and self.signal is None:
             self.signal = signal.SIGTERM
-        return self.requested
+        return stop

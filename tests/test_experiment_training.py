@@ -149,33 +149,59 @@ def test_a_signal_during_the_end_of_run_report_lets_it_finish_then_stops(tmp_pat
     assert "done: best" in proc.stdout and read_metrics(tmp_path / "run")["history"]
 
 
-def test_a_signal_with_the_last_step_of_an_epoch_stops_at_that_epochs_end(tmp_path, monkeypatch):
-    """A stop that comes with an epoch's last step is honoured once that epoch is evaluated and saved. Every step
-    of a one-step epoch is its last: such a run used to train on to its end, ignoring `timeout` and `scancel`."""
+@pytest.mark.parametrize("when", ["step", "evaluation"])
+def test_a_signal_with_an_epochs_last_step_or_its_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch, when):
+    """A stop that comes with an epoch's last step or during its evaluation is honoured at that epoch's end: its
+    last.pt is saved (whatever trainer.save_every says) and the run exits. Every step of a one-step epoch is its
+    last, so such a run stops too rather than training on to its end."""
     import signal
-
-    import torch
 
     from conftest import TINY, read_metrics, run_main
     import experiment.training as training
 
-    record = training.record_epoch
+    train_one_epoch, record_epoch = training.train_one_epoch, training.record_epoch
 
-    def signalled_after_epoch_1(epoch, *args):  # after epoch 1's step: epoch 2's one step is where the run learns it
-        if epoch == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return record(epoch, *args)
+    def signalled(wrapped, on_epoch):
+        def call(*args, **kwargs):
+            if (kwargs["epoch"] if "epoch" in kwargs else args[0]) == on_epoch:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return wrapped(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(training, "record_epoch", signalled_after_epoch_1)
-    one_step = [*TINY, "dataset.batch_size=1024", "trainer.epochs=4"]  # 1,437 training images: one step per epoch
+    if when == "step":  # before epoch 2's one step: that step is the one the signal comes with
+        monkeypatch.setattr(training, "train_one_epoch", signalled(train_one_epoch, on_epoch=1))
+        stopped_after = 2
+    else:  # epoch 1's history record is written after its evaluation
+        monkeypatch.setattr(training, "record_epoch", signalled(record_epoch, on_epoch=0))
+        stopped_after = 1
+    one_step = [*TINY, "dataset.batch_size=1024", "trainer.epochs=4", "trainer.save_every=3"]  # 1,437 images
     run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
     proc = run_main("train.py", *one_step, f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:]
-    assert f"interrupted (SIGTERM) at epoch 3, step 0; saved {last}" in proc.stdout
+    assert f"interrupted (SIGTERM) at epoch {stopped_after + 1}, step 0; saved {last}" in proc.stdout
     ckpt = torch.load(last, weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (2, 0, 2)
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (stopped_after, 0, stopped_after)
     assert not (run_dir / "metrics.json").exists()
 
-    monkeypatch.setattr(training, "record_epoch", record)
+    monkeypatch.setattr(training, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(training, "record_epoch", record_epoch)
     run_main("train.py", f"resume={last}")
     assert [h["epoch"] for h in read_metrics(run_dir)["history"]] == [1, 2, 3, 4]
+
+
+def test_ranks_agree_on_a_stop_every_few_steps_and_at_every_epochs_end(monkeypatch):
+    """Under torchrun a rank stops only when all agree (else the others would wait for it in a collective): the
+    flags are summed every `every` steps and at each epoch's end, so a one-step epoch stops within an epoch."""
+    import signal
+
+    import experiment.training as training
+    from experiment.distributed import World
+    from experiment.training import StopRequest
+
+    reduced = []  # the flags this rank sent to the all-reduce; the other rank's is 0 here
+    monkeypatch.setattr(training, "all_reduce_sum", lambda flag, world: reduced.append(flag.item()) or flag)
+    with StopRequest(World(rank=0, size=2), torch.device("cpu"), every=3) as stop:
+        assert [stop() for _ in range(4)] == [False] * 4 and reduced == [0.0]  # agreed after step 3 only
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop() and reduced == [0.0]  # step 5: no agreement due, so this rank does not stop alone
+        assert stop(at_epoch_end=True) and reduced == [0.0, 1.0]

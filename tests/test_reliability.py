@@ -83,6 +83,7 @@ def interrupt(run_dir, sig):
                 out, err = proc.communicate()
                 pytest.fail(f"train.py never reached epoch 2 (exit {proc.returncode})\n{out[-2000:]}\n{err[-2000:]}")
             time.sleep(0.05)
+        time.sleep(0.2)  # into epoch 2's steps (about 1.5 s): a signal as epoch 1's line is written stops at its end
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

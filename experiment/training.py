@@ -94,7 +94,10 @@ def train(cfg, run_dir, overrides=()):
             epoch, step, best_acc1, history = resume["epoch"], resume["step"], resume["best_acc1"], resume["history"]
             seconds_before = resume.get("train_seconds", 0.0)
             totals = resumed_totals(resume["train_totals"], world) if step else None
-            log.info("resumed from %s at epoch %d, step %d", cfg.resume, epoch + 1, step)
+            if epoch < tc.epochs:
+                log.info("resumed from %s at epoch %d, step %d", cfg.resume, epoch + 1, step)
+            else:
+                log.info("resumed from %s after its last epoch, to write the run's report", cfg.resume)
         # what trains and evaluates: the model under DDP and torch.compile when asked
         fast_model = wrap_ddp(model, world, device, sync_bn=tc.sync_bn)
         model = unwrap(fast_model)  # the same network (trainer.sync_bn converts its BatchNorm layers in place)
@@ -214,13 +217,14 @@ def train(cfg, run_dir, overrides=()):
 
 def config_to_resume(cfg, overrides):
     """(config, checkpoint to resume or None): a resumed run continues with the config stored in its checkpoint.
-    A finished run is refused here, on every rank, before any directory is claimed or written."""
+    A finished run is refused here, on every rank, before any directory is claimed or written; one stopped after
+    its last epoch but before its metrics.json (a second Ctrl-C, a hard kill) resumes to write its report."""
     if not cfg.resume:
         return cfg, None
     resume = load_checkpoint(cfg.resume, training=True)
     cfg = resumed_config(cfg, resume["config"], overrides)
     check_train_config(cfg, f" (of the run resumed from {cfg.resume})")
-    if resume["epoch"] >= cfg.trainer.epochs:
+    if resume["epoch"] >= cfg.trainer.epochs and (run_dir_of_checkpoint(cfg.resume) / "metrics.json").is_file():
         raise UserError(f"{cfg.resume} is from a finished run ({resume['epoch']} of {cfg.trainer.epochs} "
                         f"epochs): nothing to resume; its results are in {run_dir_of_checkpoint(cfg.resume)}")
     return cfg, resume

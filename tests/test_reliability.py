@@ -216,6 +216,20 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(trained_runs, t
     assert snapshot(run_dir) == before
 
 
+def test_a_run_stopped_before_its_report_is_finished_by_resuming_it(trained_runs, tmp_path):
+    """A run whose training ended but whose report was not written (a second Ctrl-C or a hard kill while it scored
+    best.pt) is not lost: resuming it writes the metrics.json the uninterrupted run wrote."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_runs["alexnet"], run_dir)
+    (run_dir / "metrics.json").unlink()
+    proc = run_main("train.py", f"resume={run_dir / 'checkpoints' / 'last.pt'}")
+    assert "after its last epoch, to write the run's report" in proc.stdout and "done: best" in proc.stdout
+    written, expected = read_metrics(run_dir), read_metrics(trained_runs["alexnet"])
+    for metrics in (written, expected):
+        metrics.pop("train_seconds")  # last.pt's clock plus the resumed run's start-up: not the first run's end
+    assert written == expected
+
+
 def test_resuming_writes_only_into_its_own_run(trained_runs, tmp_path):
     run_dir, other = tmp_path / "run", tmp_path / "other"
     shutil.copytree(trained_runs["alexnet"], run_dir)

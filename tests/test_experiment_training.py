@@ -92,6 +92,13 @@ def test_the_same_length_or_none_given_is_accepted():
     assert resumed_config(command_line(), STORED, []).trainer.epochs == 30
 
 
+def test_a_preset_is_refused_when_resuming():
+    """experiment=<preset> is no config key: comparing it found nothing, and its values were silently ignored."""
+    with pytest.raises(UserError, match=r"experiment=cifar_acnet names no single config value .* resume with only "
+                                        r"trainer\.\* overrides"):
+        resumed_config(command_line(), STORED, ["experiment=cifar_acnet"])
+
+
 def test_changing_the_recipe_is_refused():
     cfg = OmegaConf.merge(command_line(), {"optimizer": {"lr": 0.2}})
     with pytest.raises(UserError, match=r"optimizer.lr=0.2 differs from the run being resumed \(optimizer.lr was 0.1\)"):

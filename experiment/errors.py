@@ -20,15 +20,18 @@ def choose(registry, name, what, message=None):
 def exit_on_user_error(main):
     """Wrap an entry point: a UserError, running out of GPU or host memory, a required config value left out
     or an interpolation that does not resolve becomes one `error: ...` line on stderr and exit status 2; a
-    Ctrl-C that reaches it, `error: interrupted` and 130."""
+    Ctrl-C that reaches it, `error: interrupted` and 130, a SIGTERM (`timeout`, `scancel`), `error: interrupted
+    (SIGTERM)` and 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         import torch  # here, not at the top: an entry point imports this module before its slow imports
         from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-        if _installed_by == os.getpid():  # from here on a Ctrl-C unwinds, and is reported below
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        # While the entry point's own code runs, a Ctrl-C or SIGTERM unwinds (the run ends its DataLoader workers
+        # and its claim) and is reported below; outside it (between a sweep's jobs) it ends the process at once
+        unwinding = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+        previous = {s: signal.signal(s, h) for s, h in unwinding.items()} if _installed_by == os.getpid() else {}
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -48,8 +51,13 @@ def exit_on_user_error(main):
             key = getattr(e, "full_key", None) or "a config value"
             exit_with(f"{key}: its interpolation does not resolve ({first_line(e)}); fix it, or write a literal "
                       f"${{ as \\${{")
+        except Terminated:  # SIGTERM outside the training loop (which handles it itself)
+            exit_with("interrupted (SIGTERM)", status=128 + signal.SIGTERM)
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
             exit_with("interrupted", status=130)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     return wrapper
 
@@ -65,15 +73,25 @@ def first_line(error, limit=160):
     return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, unwinding as a Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def interrupt_in_one_line():
-    """Ctrl-C from here on ends in `error: interrupted` and exit status 130: an entry point calls it before its
-    slow imports (torch, Hydra), where a Ctrl-C would otherwise print a traceback of whatever was loading.
-    Nothing is written yet then, so the process ends at once: an exception raised in the middle of an import
-    leaves half-imported modules behind, which the error handling would trip over. `exit_on_user_error`
-    hands Ctrl-C back to Python's KeyboardInterrupt when the entry point's own code starts."""
+    """Ctrl-C from here on ends in `error: interrupted` and exit status 130 (SIGTERM: `error: interrupted
+    (SIGTERM)` and 143, where Python would die without a word): an entry point calls it before its slow imports
+    (torch, Hydra), where a Ctrl-C would otherwise print a traceback of whatever was loading. Nothing is written
+    yet then, so the process ends at once: an exception raised in the middle of an import leaves half-imported
+    modules behind, which the error handling would trip over. `exit_on_user_error` makes both unwind while the
+    entry point's own code runs."""
     global _installed_by
     _installed_by = os.getpid()
     signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 _installed_by = None
@@ -81,6 +99,9 @@ _installed_by = None
 
 def _interrupted(signum, frame):
     if os.getpid() != _installed_by:  # a forked DataLoader worker: it stops quietly, as by default
-        raise KeyboardInterrupt
-    print("error: interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os._exit(128 + signum)
+    print("error: interrupted" + ("" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"),
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)

@@ -71,12 +71,13 @@ def start_script(script, *overrides, env=None):
 @functools.cache
 def _entry_point(script):
     """The `main` of train.py, eval.py or fuse.py, loaded once. Loading runs the script's top level, which
-    points Ctrl-C at a handler that ends the process: the test process keeps its own."""
-    handler = signal.getsignal(signal.SIGINT)
+    points Ctrl-C and SIGTERM at a handler that ends the process: the test process keeps its own."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return runpy.run_path(str(ROOT / script), run_name=f"entry_point_{Path(script).stem}")["main"]
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def _log_handlers(job_logging, stdout):

@@ -5,6 +5,7 @@ command-line errors and the run directory Hydra creates go through real subproce
 start_script); the rest runs the entry point's own `main`, error handling included, in this process
 (conftest.run_main)."""
 import json
+import os
 import re
 import resource
 import shlex
@@ -501,6 +502,37 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in out + err, out + err
     assert err.strip() == "error: interrupted"
+
+
+def test_sigterm_during_start_up_is_one_line(tmp_path):
+    proc = start_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    time.sleep(1.0)  # the entry point is still importing torch and Hydra: Python would die without a word
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in out + err, out + err
+    assert err.strip() == "error: interrupted (SIGTERM)"
+
+
+def test_sigterm_before_training_ends_the_runs_workers_and_claim(tmp_path, monkeypatch):
+    """A SIGTERM once the run has started its DataLoader workers, before its first step: one line, exit 143, no
+    worker left, the run directory's claim given back (run_main fails a run that leaves its claim)."""
+    import multiprocessing
+
+    import experiment.training as training
+
+    fits = training.check_input_fits  # called on a first test batch: the workers are running
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fits(*args)
+
+    monkeypatch.setattr(training, "check_input_fits", terminated)
+    root = png_tree(tmp_path / "data")
+    proc = run_main("train.py", *TINY, *FOLDER, f"dataset.root={root}", "dataset.num_workers=2", "dataset.cache=off",
+                    f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: interrupted (SIGTERM)"
+    assert multiprocessing.active_children() == []
 
 
 def test_run_directory_under_a_file(tmp_path):

@@ -513,7 +513,8 @@ def _resample_weights(in0, in1, in_size, size):
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating."""
+    """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating. For
+    training, (augmentation seed, index) pairs for `_SeededSamples`."""
 
     def __init__(self, loader):
         self.loader, self.epoch, self.start_step = loader, 0, 0
@@ -522,8 +523,26 @@ class _EpochSampler(torch.utils.data.Sampler):
         ld = self.loader
         if not ld.train:
             return iter(ld.eval_indices())
-        order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
-        return iter([i for sl in ld.rank_slices(self.start_step) for i in order[sl]])
+        g = epoch_generator(ld.seed, self.epoch)
+        order = torch.randperm(ld.num_samples, generator=g).tolist()
+        seeds = torch.randint(2**62, (ld.num_samples,), generator=g).tolist()
+        return iter([(seeds[i], i) for sl in ld.rank_slices(self.start_step) for i in order[sl]])
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """A training split read by (seed, index) pairs: each sample's random transforms (crop, flip) are drawn from
+    its own seed, a function of (run seed, epoch, index) alone, so neither a worker's random stream (which a
+    resumed run restarts) nor the number of workers decides them. The process's own generator (dropout's, with
+    no workers) is left where it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, seed_and_index):
+        seed, index = seed_and_index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class FolderLoader(_ShardedLoader):
@@ -534,10 +553,12 @@ class FolderLoader(_ShardedLoader):
         self.sampler = _EpochSampler(weakref.proxy(self))
         local = batch_size // self.world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
+            _SeededSamples(dataset) if train else dataset, batch_size=local, sampler=self.sampler,
+            num_workers=num_workers,
             pin_memory=torch.device(self.device).type == "cuda", persistent_workers=num_workers > 0,
             worker_init_fn=_leave_stop_signals_to_the_main_process, drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed * 1000 + self.rank))  # ranks augment differently
+            # else the DataLoader would draw its workers' base seed from the global generator, shifting dropout's
+            generator=torch.Generator().manual_seed(self.seed * 1000 + self.rank))
         # weakref.finalize registers its exit hook after multiprocessing's, so it runs first (atexit is LIFO)
         self._end_workers = weakref.finalize(self, _end_workers, self.loader)
 

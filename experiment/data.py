@@ -234,7 +234,7 @@ DATASETS = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_dig
 
 def check_folder_layout(root, splits=("train", "val")):
     """Validate root/train/<class>/* and root/val/<class>/* before any training; return the class names."""
-    from experiment.image_folder import IMAGE_EXTENSIONS, class_names, is_image
+    from experiment.image_folder import IMAGE_EXTENSIONS, class_names, image_files
 
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; set dataset.root to a folder holding train/ and val/")
@@ -249,7 +249,7 @@ def check_folder_layout(root, splits=("train", "val")):
         if not classes:
             raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
         for c in classes:
-            if not any(is_image(f.name) for f in os.scandir(folder / c) if f.is_file()):
+            if not any(image_files(folder / c)):
                 raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                 f"add images or remove the folder")
         found[split] = classes

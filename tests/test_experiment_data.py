@@ -346,6 +346,24 @@ def test_hidden_folders_are_no_classes_and_hidden_files_no_images(tmp_path, cach
     assert data.classes == ["cat", "dog"] and len(data.train) == 4 and len(data.test) == 4
 
 
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_images_in_a_hidden_folder_inside_a_class_are_left_out(tmp_path, cache):
+    root = image_tree(tmp_path / ".datasets" / "data")  # a hidden folder above the dataset hides nothing
+    png(root / "train" / "cat" / "more" / "0.png")  # a plain subfolder of a class is read, under that class
+    png(root / "train" / "cat" / ".ipynb_checkpoints" / "0.png")
+    png(root / "train" / "cat" / "more" / ".hidden" / "0.png")
+    data = load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
+    assert sorted(data.train.targets) == [0, 0, 0, 1, 1]
+    png(root / "val" / "dog" / ".ipynb_checkpoints" / "0.png")
+    for f in (root / "val" / "dog").glob("*.png"):
+        f.unlink()
+    with pytest.raises(UserError, match=r"class folder .*val/dog holds no images"):
+        load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
+    (root / "val" / "dog" / "nested").mkdir()
+    png(root / "val" / "dog" / "nested" / "0.png")  # an image in a subfolder is one, for the check as for reading
+    assert len(load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache"))).test) == 3
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_unreadable_image_met_mid_epoch_is_one_line_naming_it(tmp_path, workers):
     from experiment.data import build_loaders

@@ -263,14 +263,29 @@ def check_folder_layout(root, splits=("train", "val")):
 
 def _check_no_folder_read_twice(folder):
     """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
-    would count images many times and under the wrong class. Refuse any folder reached twice."""
+    would count images many times and under the wrong class. Refuse any folder reached twice, naming the link,
+    whichever of it and its target is reached first. Hidden folders are not read (image_folder.image_files)."""
+    from experiment.image_folder import is_hidden
+
     seen = {}
-    for path, _, _ in os.walk(folder, followlinks=True):
+    for path, folders, _ in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not is_hidden(f)]
         real = os.path.realpath(path)
         if real in seen:
-            raise UserError(f"{path} is a link to {seen[real]}, which is read already (a link loop or a second "
+            link, other = _link_at_or_above(path, folder), seen[real]
+            if not link:
+                link, other = _link_at_or_above(other, folder), path
+            raise UserError(f"{link} is a link to {other}, which is read already (a link loop or a second "
                             f"copy of a folder would count its images again, under another class); remove the link")
         seen[real] = path
+
+
+def _link_at_or_above(path, folder):
+    """`path` or the nearest folder above it and below `folder` that is a link; None if none is."""
+    while len(path) > len(str(folder)):
+        if os.path.islink(path):
+            return path
+        path = os.path.dirname(path)
 
 
 def _drop_unreadable(split, skip):

@@ -1,5 +1,7 @@
 """experiment/data.py: image-folder layout checks and unreadable images, each a UserError that says what to do;
 the device-resident loader: deterministic, replayable from any step, sharded exactly, augmenting correctly."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,29 @@ def test_a_folder_link_that_would_read_images_twice_is_refused(tmp_path, link_to
     (root / "train" / "cat" / "more").symlink_to(target, target_is_directory=True)
     with pytest.raises(UserError, match="cat/more is a link to .*remove the link"):
         load_dataset(folder_cfg(root))
+
+
+@pytest.mark.parametrize("link_first", [True, False])
+def test_the_link_is_named_whichever_of_it_and_its_target_is_walked_first(tmp_path, monkeypatch, link_first):
+    walk = os.walk
+
+    def ordered(top, **options):  # the file system's order decides which is met first: both orders are tried
+        for path, folders, files in walk(top, **options):
+            folders.sort(key=lambda f: (f != "kitty") if link_first else (f == "kitty"))
+            yield path, folders, files
+
+    monkeypatch.setattr(os, "walk", ordered)
+    root = image_tree(tmp_path / "data")
+    (root / "train" / "kitty").symlink_to("cat", target_is_directory=True)
+    with pytest.raises(UserError, match=r"train/kitty is a link to \S*train/cat, which is read already.*remove"):
+        load_dataset(folder_cfg(root))
+
+
+def test_a_hidden_folder_link_is_not_read_so_not_refused(tmp_path):
+    root = image_tree(tmp_path / "data")
+    (root / "train" / ".cat_alias").symlink_to("cat", target_is_directory=True)
+    (root / "train" / "cat" / ".loop").symlink_to(root / "train", target_is_directory=True)
+    assert len(load_dataset(folder_cfg(root)).train) == 4
 
 
 def test_a_file_link_still_counts_once(tmp_path):

@@ -234,7 +234,7 @@ DATASETS = {"cifar10": _load_cifar, "cifar100": _load_cifar, "digits": _load_dig
 
 def check_folder_layout(root, splits=("train", "val")):
     """Validate root/train/<class>/* and root/val/<class>/* before any training; return the class names."""
-    from experiment.image_folder import IMAGE_EXTENSIONS, class_names, is_image
+    from experiment.image_folder import IMAGE_EXTENSIONS, class_names, image_files
 
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; set dataset.root to a folder holding train/ and val/")
@@ -249,7 +249,7 @@ def check_folder_layout(root, splits=("train", "val")):
         if not classes:
             raise UserError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
         for c in classes:
-            if not any(is_image(f.name) for f in os.scandir(folder / c) if f.is_file()):
+            if not any(image_files(folder / c)):
                 raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                 f"add images or remove the folder")
         found[split] = classes
@@ -263,14 +263,29 @@ def check_folder_layout(root, splits=("train", "val")):
 
 def _check_no_folder_read_twice(folder):
     """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
-    would count images many times and under the wrong class. Refuse any folder reached twice."""
+    would count images many times and under the wrong class. Refuse any folder reached twice, naming the link,
+    whichever of it and its target is reached first. Hidden folders are not read (image_folder.image_files)."""
+    from experiment.image_folder import is_hidden
+
     seen = {}
-    for path, _, _ in os.walk(folder, followlinks=True):
+    for path, folders, _ in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not is_hidden(f)]
         real = os.path.realpath(path)
         if real in seen:
-            raise UserError(f"{path} is a link to {seen[real]}, which is read already (a link loop or a second "
+            link, other = _link_at_or_above(path, folder), seen[real]
+            if not link:
+                link, other = _link_at_or_above(other, folder), path
+            raise UserError(f"{link} is a link to {other}, which is read already (a link loop or a second "
                             f"copy of a folder would count its images again, under another class); remove the link")
         seen[real] = path
+
+
+def _link_at_or_above(path, folder):
+    """`path` or the nearest folder above it and below `folder` that is a link; None if none is."""
+    while len(path) > len(str(folder)):
+        if os.path.islink(path):
+            return path
+        path = os.path.dirname(path)
 
 
 def _drop_unreadable(split, skip):
@@ -513,7 +528,8 @@ def _resample_weights(in0, in1, in_size, size):
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating."""
+    """This rank's indices for one epoch, from `start_step` on; set `epoch`/`start_step` before iterating. For
+    training, (augmentation seed, index) pairs for `_SeededSamples`."""
 
     def __init__(self, loader):
         self.loader, self.epoch, self.start_step = loader, 0, 0
@@ -522,8 +538,26 @@ class _EpochSampler(torch.utils.data.Sampler):
         ld = self.loader
         if not ld.train:
             return iter(ld.eval_indices())
-        order = torch.randperm(ld.num_samples, generator=epoch_generator(ld.seed, self.epoch)).tolist()
-        return iter([i for sl in ld.rank_slices(self.start_step) for i in order[sl]])
+        g = epoch_generator(ld.seed, self.epoch)
+        order = torch.randperm(ld.num_samples, generator=g).tolist()
+        seeds = torch.randint(2**62, (ld.num_samples,), generator=g).tolist()
+        return iter([(seeds[i], i) for sl in ld.rank_slices(self.start_step) for i in order[sl]])
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """A training split read by (seed, index) pairs: each sample's random transforms (crop, flip) are drawn from
+    its own seed, a function of (run seed, epoch, index) alone, so neither a worker's random stream (which a
+    resumed run restarts) nor the number of workers decides them. The process's own generator (dropout's, with
+    no workers) is left where it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, seed_and_index):
+        seed, index = seed_and_index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class FolderLoader(_ShardedLoader):
@@ -534,10 +568,12 @@ class FolderLoader(_ShardedLoader):
         self.sampler = _EpochSampler(weakref.proxy(self))
         local = batch_size // self.world_size if train else batch_size
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=local, sampler=self.sampler, num_workers=num_workers,
+            _SeededSamples(dataset) if train else dataset, batch_size=local, sampler=self.sampler,
+            num_workers=num_workers,
             pin_memory=torch.device(self.device).type == "cuda", persistent_workers=num_workers > 0,
             worker_init_fn=_leave_stop_signals_to_the_main_process, drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed * 1000 + self.rank))  # ranks augment differently
+            # else the DataLoader would draw its workers' base seed from the global generator, shifting dropout's
+            generator=torch.Generator().manual_seed(self.seed * 1000 + self.rank))
         # weakref.finalize registers its exit hook after multiprocessing's, so it runs first (atexit is LIFO)
         self._end_workers = weakref.finalize(self, _end_workers, self.loader)
 

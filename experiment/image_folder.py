@@ -20,6 +20,14 @@ def is_image(path):
     return path.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(os.path.basename(path))
 
 
+def image_files(folder):
+    """The images below a class folder, in no particular order; hidden folders (`.ipynb_checkpoints`) are not
+    entered. Links to folders are followed, as torchvision does: data._check_no_folder_read_twice refuses loops."""
+    for path, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not is_hidden(f)]
+        yield from (os.path.join(path, f) for f in files if is_image(f))
+
+
 def class_names(folder):
     """The class folders of a split, sorted; hidden folders (`.name`, e.g. `.ipynb_checkpoints`) are none."""
     return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not is_hidden(d.name))
@@ -33,15 +41,21 @@ def test_view(size):
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder, reading with `read_rgb`, with no hidden folder taken for a class and no hidden
-    file for an image."""
+    """torchvision's ImageFolder, reading with `read_rgb`, with no hidden folder taken for a class or entered,
+    and no hidden file taken for an image."""
 
     def __init__(self, root, transform=None):
-        super().__init__(root, transform=transform, loader=read_rgb, is_valid_file=is_image)
+        super().__init__(root, transform=transform, loader=read_rgb)
 
     def find_classes(self, directory):
         classes = class_names(directory)
         return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, *args, **kwargs):
+        """(path, class index) per image, in torchvision's order: class by class, folder by folder, file by file."""
+        return [(path, i) for c, i in sorted(class_to_idx.items())
+                for path in sorted(image_files(os.path.join(directory, c)), key=os.path.split)]
 
 
 class UnreadableImage(Exception):

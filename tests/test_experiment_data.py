@@ -1,5 +1,7 @@
 """experiment/data.py: image-folder layout checks and unreadable images, each a UserError that says what to do;
 the device-resident loader: deterministic, replayable from any step, sharded exactly, augmenting correctly."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -190,6 +192,29 @@ def test_a_folder_link_that_would_read_images_twice_is_refused(tmp_path, link_to
         load_dataset(folder_cfg(root))
 
 
+@pytest.mark.parametrize("link_first", [True, False])
+def test_the_link_is_named_whichever_of_it_and_its_target_is_walked_first(tmp_path, monkeypatch, link_first):
+    walk = os.walk
+
+    def ordered(top, **options):  # the file system's order decides which is met first: both orders are tried
+        for path, folders, files in walk(top, **options):
+            folders.sort(key=lambda f: (f != "kitty") if link_first else (f == "kitty"))
+            yield path, folders, files
+
+    monkeypatch.setattr(os, "walk", ordered)
+    root = image_tree(tmp_path / "data")
+    (root / "train" / "kitty").symlink_to("cat", target_is_directory=True)
+    with pytest.raises(UserError, match=r"train/kitty is a link to \S*train/cat, which is read already.*remove"):
+        load_dataset(folder_cfg(root))
+
+
+def test_a_hidden_folder_link_is_not_read_so_not_refused(tmp_path):
+    root = image_tree(tmp_path / "data")
+    (root / "train" / ".cat_alias").symlink_to("cat", target_is_directory=True)
+    (root / "train" / "cat" / ".loop").symlink_to(root / "train", target_is_directory=True)
+    assert len(load_dataset(folder_cfg(root)).train) == 4
+
+
 def test_a_file_link_still_counts_once(tmp_path):
     root = image_tree(tmp_path / "data")
     (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")
@@ -344,6 +369,24 @@ def test_hidden_folders_are_no_classes_and_hidden_files_no_images(tmp_path, cach
         (root / split / "cat" / "._0.png").write_bytes(b"macOS resource fork, not an image")
     data = load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
     assert data.classes == ["cat", "dog"] and len(data.train) == 4 and len(data.test) == 4
+
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_images_in_a_hidden_folder_inside_a_class_are_left_out(tmp_path, cache):
+    root = image_tree(tmp_path / ".datasets" / "data")  # a hidden folder above the dataset hides nothing
+    png(root / "train" / "cat" / "more" / "0.png")  # a plain subfolder of a class is read, under that class
+    png(root / "train" / "cat" / ".ipynb_checkpoints" / "0.png")
+    png(root / "train" / "cat" / "more" / ".hidden" / "0.png")
+    data = load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
+    assert sorted(data.train.targets) == [0, 0, 0, 1, 1]
+    png(root / "val" / "dog" / ".ipynb_checkpoints" / "0.png")
+    for f in (root / "val" / "dog").glob("*.png"):
+        f.unlink()
+    with pytest.raises(UserError, match=r"class folder .*val/dog holds no images"):
+        load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache")))
+    (root / "val" / "dog" / "nested").mkdir()
+    png(root / "val" / "dog" / "nested" / "0.png")  # an image in a subfolder is one, for the check as for reading
+    assert len(load_dataset(folder_cfg(root, cache=cache, cache_dir=str(tmp_path / "cache"))).test) == 3
 
 
 @pytest.mark.parametrize("workers", [0, 2])

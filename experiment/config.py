@@ -10,6 +10,7 @@ a float field nan; every rule below but the booleans and paths also bounds its v
 a checkpoint's stored config, plain containers read without Hydra, needs these checks anyway."""
 import math
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -113,7 +114,7 @@ TRAIN_RULES = {
 }
 
 # eval.py and fuse.py: the dataset overrides (null keeps the checkpoint's value), then each one's own options
-_FILE = (lambda v: isinstance(v, str) and v != ""), "a file path"
+_FILE = (lambda v: isinstance(v, str) and Path(v).name != ""), "a file path"  # not '', . or /: folders by name
 _DATASET_OVERRIDES = {key: _optional(TRAIN_RULES[key]) for key in (
     "dataset.root", "dataset.download", "dataset.verify_images", "dataset.skip_bad_images", "dataset.eval_batch_size",
     "dataset.num_workers", "dataset.cache", "dataset.cache_dir")}

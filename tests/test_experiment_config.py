@@ -103,7 +103,8 @@ def test_the_shipped_eval_and_fuse_configs_pass():
     # a hands-on bug hunt: onnx=maybe exported an ONNX file, amp=maybe ran in bf16, ckpt=5 was a TypeError traceback
     ("fuse", "onnx=maybe"), ("fuse", "onnx=1"), ("fuse", "onnx=null"), ("eval", "amp=maybe"), ("eval", "amp=null"),
     ("fuse", "ckpt=5"), ("eval", "ckpt=5"), ("eval", "ckpt=''"), ("fuse", "ckpt=null"), ("fuse", "out=5"),
-    ("eval", "out=5"), ("eval", "out=."), ("fuse", "out=/"), ("eval", "compare=."),  # out=. was a ValueError traceback ("eval", "compare=true"), ("fuse", "check_batch=0"), ("fuse", "tolerance=nan"),
+    ("eval", "out=5"), ("eval", "compare=true"), ("fuse", "check_batch=0"), ("fuse", "tolerance=nan"),
+    ("eval", "out=."), ("fuse", "out=/"), ("eval", "compare=."),  # out=. was a ValueError traceback
     ("fuse", "dataset.download=maybe"), ("eval", "dataset.skip_bad_images=1"), ("fuse", "dataset.cache=sometimes"),
     ("eval", "dataset.eval_batch_size=0"), ("eval", "dataset.num_workers=-1"), ("fuse", "dataset.root=5"),
 ])

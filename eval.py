@@ -34,7 +34,7 @@ log = logging.getLogger("eval")
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    check_values(cfg, EVAL_RULES, allow_null=True)
+    check_values(cfg, EVAL_RULES)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}.eval.json")
     png = out.with_name(f"{out.name.removesuffix('.json').removesuffix('.eval')}.confusion.png")
     # an earlier report of eval.py, and the confusion matrix beside it, are replaced; any other file is kept

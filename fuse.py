@@ -18,7 +18,7 @@ import torch
 
 from experiment.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from experiment.complexity import count_macs, count_parameters
-from experiment.config import EVAL_RULES, FUSE_RULES, check_values
+from experiment.config import FUSE_RULES, check_values
 from experiment.data import checkpoint_test_loader
 from experiment.distributed import select_device
 from experiment.errors import exit_on_user_error
@@ -34,7 +34,6 @@ log = logging.getLogger("fuse")
 @exit_on_user_error
 def main(cfg):
     check_values(cfg, FUSE_RULES)
-    check_values(cfg, EVAL_RULES, allow_null=True)  # the dataset overrides (null keeps the checkpoint's value)
     start = time.perf_counter()
     ckpt = load_checkpoint(cfg.ckpt)
     if ckpt.get("deploy"):

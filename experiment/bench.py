@@ -373,13 +373,19 @@ def format_table(results):
 
 
 def parse_args(argv=None):
+    def integers(text):  # a named type: argparse's error says what --batch-sizes expects, not "invalid <lambda>"
+        try:
+            return [int(b) for b in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 128,512, not {text!r}")
+
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m experiment.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true",
                    help="small sizes on CPU (< 2 min on 2 cores), real sizes and few steps on CUDA")
-    p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")],
+    p.add_argument("--batch-sizes", type=integers,
                    help="comma-separated training (and inference) batch sizes (default 128,512,1024)")
     p.add_argument("--layout", default="cifar", choices=("cifar", "imagenet"))
     p.add_argument("--image-size", type=int, help="square side (default 32; 224 with --layout imagenet)")

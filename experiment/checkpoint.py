@@ -150,6 +150,11 @@ def load_checkpoint(path, map_location="cpu", training=False):
     """Read a checkpoint without running any code it may carry; a UserError for anything unusable.
     `training=True` also requires the training state that resuming needs."""
     path = Path(path)
+    if path.is_dir():  # a run directory, or its checkpoints/ folder
+        name = "last.pt" if training else "best.pt"  # a resumed run continues from its last state
+        found = next((p for p in (path / "checkpoints" / name, path / name) if p.is_file()), None)
+        raise UserError(f"checkpoint {path} is a folder, not a file; pass " + (
+            f"{found}" if found else f"the path of a .pt file, e.g. outputs/<run>/checkpoints/{name}"))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file, e.g. "
                         f"outputs/<run>/checkpoints/best.pt")

@@ -6,10 +6,11 @@ none of its strings is ever read as an OmegaConf interpolation (`literal_config`
 Why rules here and not Hydra structured configs (dataclass schemas in a ConfigStore): a schema's type error is
 raised by Hydra before the entry point runs, as five lines and a HYDRA_FULL_ERROR hint, not one line;
 a bool field takes `1` and `yes` (refused here: tests/test_experiment_config.py), an int field the string "7",
-a float field nan; every rule below but the ten booleans also bounds its value, which no type expresses; and
+a float field nan; every rule below but the booleans and paths also bounds its value, which no type expresses; and
 a checkpoint's stored config, plain containers read without Hydra, needs these checks anyway."""
 import math
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -112,18 +113,22 @@ TRAIN_RULES = {
     "scheduler.milestones": _numbers(_number(0, 1)),  # fractions of the steps after warm-up; -1 decays at step 0
 }
 
-# eval.py and fuse.py: their own options, and the dataset overrides (null keeps the checkpoint's value)
-EVAL_RULES = {key: TRAIN_RULES[key] for key in (
+# eval.py and fuse.py: the dataset overrides (null keeps the checkpoint's value), then each one's own options
+_FILE = (lambda v: isinstance(v, str) and Path(v).name != ""), "a file path"  # not '', . or /: folders by name
+_DATASET_OVERRIDES = {key: _optional(TRAIN_RULES[key]) for key in (
     "dataset.root", "dataset.download", "dataset.verify_images", "dataset.skip_bad_images", "dataset.eval_batch_size",
     "dataset.num_workers", "dataset.cache", "dataset.cache_dir")}
-FUSE_RULES = {"check_batch": _whole(1), "tolerance": _number(0)}
+EVAL_RULES = {"ckpt": _FILE, "out": _optional(_FILE), "compare": _optional(_FILE), "amp": _BOOLEAN,
+              **_DATASET_OVERRIDES}
+FUSE_RULES = {"ckpt": _FILE, "out": _optional(_FILE), "onnx": _BOOLEAN, "check_batch": _whole(1),
+              "tolerance": _number(0), **_DATASET_OVERRIDES}
 
 
-def check_values(cfg, rules, where="", allow_null=False, fix="fix that value"):
+def check_values(cfg, rules, where="", fix="fix that value"):
     """Every key of `rules` that `cfg` holds must pass its check; `where` says whose config it is, `fix` what to do."""
     for key, (check, accepts) in rules.items():
         value = _select(cfg, key)
-        if value is _ABSENT or (value is None and allow_null):
+        if value is _ABSENT:
             continue
         if not check(value):
             shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

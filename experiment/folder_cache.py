@@ -187,9 +187,12 @@ def _save(path, split, key):
                 "labels": split.labels, "unreadable": split.unreadable}
     try:
         atomic_write(path, lambda f: torch.save(contents, f), what="the decoded-image cache")
-    except UserError as e:
+    except UserError as e:  # atomic_write's advice (free disk space, fix permissions) does not fit a file in the way
+        file = next((p for p in (path.parent, *path.parent.parents) if p.is_file()), None)
+        why = (f"could not use the decoded-image cache folder {path.parent}: {file} is a file, not a folder" if file
+               else e)
         log.warning("%s; training goes on without it, decoding again next time (set dataset.cache_dir to a "
-                    "writable folder)", e)
+                    "writable folder)", why)
         return False
     log.info("decoded %d images of %s into the cache %s", len(split), split.root, path)
     return True

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from conftest import run_main, run_script
@@ -51,6 +52,17 @@ def test_bad_ckpt_values_end_in_one_clear_line(tmp_path):
             assert proc.returncode == 2
             assert proc.stderr.strip().startswith("error:") and says in proc.stderr
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option", ["amp=maybe", "compare=true", "out=5"])
+def test_a_bad_option_is_one_line_and_writes_nothing(trained_runs, tmp_path, option):
+    """amp=maybe was read as true; compare=true and out=5 were TypeError tracebacks."""
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes((trained_runs["alexnet"] / "checkpoints/best.pt").read_bytes())
+    proc = run_main("eval.py", f"ckpt={ckpt}", option, check=False)
+    key = option.split("=")[0]
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {key}=") and "is not valid" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
 
 def test_out_equal_to_the_checkpoint_is_refused_also_as_a_hard_link(trained_runs, tmp_path):

@@ -67,6 +67,16 @@ def test_bad_option_is_one_line_error(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --batch-sizes")
 
 
+@pytest.mark.parametrize("sizes", ["a,b", "64,", "1.5"])
+def test_batch_sizes_that_are_not_integers_say_what_is_expected(capsys, sizes):
+    """It was argparse's `invalid <lambda> value`."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--device", "cpu", "--batch-sizes", sizes])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.endswith(
+        f"error: argument --batch-sizes: expected comma-separated integers such as 128,512, not {sizes!r}")
+
+
 @pytest.mark.parametrize("options, says", [
     (["--layout", "imagenet", "--image-size", "8"], "--image-size 8 is too small for the imagenet layout"),
     (["--image-size", "4"], "--image-size 4 is too small for the cifar layout"),

@@ -115,8 +115,18 @@ def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path, monkeypatc
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"does not exist; pass the path of a \.pt file"):
         load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(tmp_path)  # a directory is not a checkpoint either
+
+
+def test_a_folder_is_named_as_one_with_the_checkpoint_to_pass(tmp_path):
+    """It used to say "checkpoint D does not exist" of a folder that does."""
+    with pytest.raises(UserError, match=rf"^checkpoint {tmp_path} is a folder, not a file; pass the path of a \.pt"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(make_state(1.0), tmp_path / "checkpoints" / "best.pt")
+    for folder in (tmp_path, tmp_path / "checkpoints"):  # a run directory, or its checkpoints/ folder
+        with pytest.raises(UserError, match=rf"is a folder, not a file; pass {tmp_path / 'checkpoints' / 'best.pt'}$"):
+            load_checkpoint(folder)
+    with pytest.raises(UserError, match=r"is a folder, not a file; pass .*/checkpoints/last\.pt$"):  # resume= of it
+        load_checkpoint(tmp_path, training=True)
 
 
 @pytest.mark.parametrize("content, says", [

@@ -76,13 +76,42 @@ def test_bad_fuse_values(cfg, key):
 
 
 def test_eval_overrides_may_be_null_but_not_zero():
-    check_values({"dataset": {"eval_batch_size": None, "num_workers": None}}, EVAL_RULES, allow_null=True)
+    check_values({"dataset": {"eval_batch_size": None, "num_workers": None}}, EVAL_RULES)
     with pytest.raises(UserError, match="dataset.eval_batch_size=0"):
-        check_values({"dataset": {"eval_batch_size": 0}}, EVAL_RULES, allow_null=True)
+        check_values({"dataset": {"eval_batch_size": 0}}, EVAL_RULES)
     with pytest.raises(UserError, match="dataset.cache='sometimes' is not valid: it must be one of: auto, off"):
-        check_values({"dataset": {"cache": "sometimes"}}, EVAL_RULES, allow_null=True)
+        check_values({"dataset": {"cache": "sometimes"}}, EVAL_RULES)
     with pytest.raises(UserError, match="dataset.verify_images='maybe' is not valid: it must be true or false"):
-        check_values({"dataset": {"verify_images": "maybe"}}, EVAL_RULES, allow_null=True)
+        check_values({"dataset": {"verify_images": "maybe"}}, EVAL_RULES)
+
+
+def tool_config(tool, *overrides):
+    """configs/eval.yaml or configs/fuse.yaml as the command line composes it."""
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose(tool, overrides=["ckpt=run/checkpoints/best.pt", *overrides])
+
+
+TOOL_RULES = {"eval": EVAL_RULES, "fuse": FUSE_RULES}
+
+
+def test_the_shipped_eval_and_fuse_configs_pass():
+    check_values(tool_config("eval", "compare=other.pt", "out=x.json", "amp=true"), EVAL_RULES)
+    check_values(tool_config("fuse", "onnx=true", "out=x.pt"), FUSE_RULES)
+
+
+@pytest.mark.parametrize("tool, override", [
+    # a hands-on bug hunt: onnx=maybe exported an ONNX file, amp=maybe ran in bf16, ckpt=5 was a TypeError traceback
+    ("fuse", "onnx=maybe"), ("fuse", "onnx=1"), ("fuse", "onnx=null"), ("eval", "amp=maybe"), ("eval", "amp=null"),
+    ("fuse", "ckpt=5"), ("eval", "ckpt=5"), ("eval", "ckpt=''"), ("fuse", "ckpt=null"), ("fuse", "out=5"),
+    ("eval", "out=5"), ("eval", "compare=true"), ("fuse", "check_batch=0"), ("fuse", "tolerance=nan"),
+    ("eval", "out=."), ("fuse", "out=/"), ("eval", "compare=."),  # out=. was a ValueError traceback
+    ("fuse", "dataset.download=maybe"), ("eval", "dataset.skip_bad_images=1"), ("fuse", "dataset.cache=sometimes"),
+    ("eval", "dataset.eval_batch_size=0"), ("eval", "dataset.num_workers=-1"), ("fuse", "dataset.root=5"),
+])
+def test_bad_eval_and_fuse_values_name_the_key(tool, override):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"^{re.escape(key)}=.* is not valid: it must be "):
+        check_values(tool_config(tool, override), TOOL_RULES[tool])
 
 
 STORED = {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"},

@@ -176,12 +176,27 @@ def test_a_cache_file_is_loaded_as_data_only(tmp_path, decodes, caplog):
     assert not (tmp_path / "ran").exists() and decodes[0] == 72
 
 
-def test_an_unwritable_cache_folder_costs_speed_only(tmp_path, caplog):
+@pytest.mark.parametrize("cache_dir", ["a_file", "a_file/cache"])
+def test_a_cache_folder_that_is_a_file_costs_speed_only_and_is_named(tmp_path, caplog, cache_dir):
+    """The warning used to advise freeing disk space or fixing permissions."""
     root = folder(tmp_path / "data")
     (tmp_path / "a_file").write_text("x")
-    data = load_dataset(cached_cfg(root, tmp_path / "a_file" / "cache"))
+    data = load_dataset(cached_cfg(root, tmp_path / cache_dir))
+    assert isinstance(data, DecodedFolder) and len(data.train) == 18 and (tmp_path / "a_file").read_text() == "x"
+    assert (f"could not use the decoded-image cache folder {tmp_path / cache_dir}: {tmp_path / 'a_file'} is a file, "
+            "not a folder; training goes on without it") in caplog.text and "set dataset.cache_dir" in caplog.text
+    assert "disk space" not in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_costs_speed_only(tmp_path, caplog, monkeypatch):
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    root = folder(tmp_path / "data")
+    monkeypatch.setattr(folder_cache.torch, "save", full_disk)
+    data = load_dataset(cached_cfg(root, tmp_path / "cache"))
     assert isinstance(data, DecodedFolder) and len(data.train) == 18
-    assert "could not write the decoded-image cache" in caplog.text and "set dataset.cache_dir" in caplog.text
+    assert "could not write the decoded-image cache" in caplog.text and "Free disk space" in caplog.text
 
 
 def test_temporaries_of_killed_writers_are_removed_and_nothing_else(tmp_path):

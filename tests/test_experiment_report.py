@@ -213,6 +213,18 @@ def test_cli_bad_path_is_one_line_error(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("out", ["{tmp}/file", "{tmp}/file/report", "/proc/report"])
+def test_an_out_that_cannot_be_a_folder_is_one_line(sweep, tmp_path, capsys, out):
+    """An existing file was `error: [Errno 17] File exists: ...`, /proc/report a raw [Errno 2]."""
+    (tmp_path / "file").write_text("mine\n")
+    out = out.format(tmp=tmp_path)
+    assert main([str(sweep), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} cannot be the report's folder (") and "Errno" not in err
+    assert err.strip().endswith("pass --out a folder that can be made and written") and len(err.splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
 def test_report_draws_the_kernel_skeleton_of_runs_with_checkpoints(trained_runs, tmp_path):
     from PIL import Image
 

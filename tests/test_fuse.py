@@ -68,3 +68,13 @@ def test_a_failed_check_keeps_the_earlier_verified_onnx_export(trained_runs, tmp
     proc = run_main("fuse.py", f"ckpt={ckpt}", f"out={out}", "onnx=true", "tolerance=1e-12", check=False)
     assert proc.returncode == 1 and "NOT exact" in proc.stdout + proc.stderr
     assert "deploy.onnx" in exported and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == exported
+
+
+@pytest.mark.parametrize("option", ["onnx=maybe", "ckpt=5", "out=5"])
+def test_a_bad_option_is_one_line_and_writes_nothing(trained_runs, tmp_path, option):
+    """onnx=maybe was read as true and exported the ONNX file; ckpt=5 and out=5 were TypeError tracebacks."""
+    proc = run_main("fuse.py", f"ckpt={trained_runs['alexnet_ac'] / 'checkpoints/best.pt'}",
+                    f"out={tmp_path / 'deploy.pt'}", option, check=False)
+    key = option.split("=")[0]
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {key}=") and "is not valid" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())

@@ -345,11 +345,15 @@ def write_bad_file(tmp_path, kind):
         path.write_bytes(b"")
     elif kind == "tensor":
         torch.save(torch.zeros(3, 3), path)
+    elif kind == "folder":  # a run directory passed for its checkpoint: it was said not to exist
+        path = tmp_path / "run"
+        path.mkdir()
     return path
 
 
 BAD_FILES = {"missing": "does not exist", "random-bytes": "not a readable PyTorch checkpoint",
-             "empty": "the file is empty", "tensor": "not a checkpoint of this repository"}
+             "empty": "the file is empty", "tensor": "not a checkpoint of this repository",
+             "folder": "is a folder, not a file; pass the path of a .pt file"}
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)

@@ -592,14 +592,13 @@ def test_runs_without_config_pair_on_epochs_only(tmp_path):
                                         ("model", 5), ("dataset", ""), ("seed", [0]), ("seed", True),
                                         ("history", "x"), ("history", [{"epoch": "1"}]),
                                         ("history", [{"epoch": 1, "val_acc1": "9"}]), ("selected_on", 1)])
-def test_malformed_metrics_are_one_line_and_nothing_is_written(sweep, tmp_path, key, value):
+def test_malformed_metrics_are_one_line_and_nothing_is_written(sweep, tmp_path, key, value, capsys):
     bad = next(sweep.rglob("0_alexnet_seed0")) / "metrics.json"
     bad.write_text(json.dumps({**json.loads(bad.read_text()), key: value}))
     out = tmp_path / "deep" / "out"
-    result = subprocess.run([sys.executable, "-m", "experiment.report", str(sweep), "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"error: {bad} has ") and len(result.stderr.strip().splitlines()) == 1
+    assert main([str(sweep), "--out", str(out)]) == 2  # the process exits with it: test_cli_bad_path_is_one_line_error
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad} has ") and len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]
 
 

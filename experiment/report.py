@@ -626,11 +626,9 @@ def main(argv=None) -> int:
         runs = load_runs(args.paths)
         first = Path(args.paths[0])
         out = Path(args.out) if args.out else first if first.is_dir() else first.parent
-        try:  # made now: one line, not the [Errno ...] of the first file the report writes there
-            out.mkdir(parents=True, exist_ok=True)
-            why = None if os.access(out, os.W_OK | os.X_OK) else "not writable"
-        except OSError as e:
-            why = "it is a file" if out.is_file() else e.strerror
+        from experiment.run_dir import make_folder
+
+        why = make_folder(out)  # made now: one line, not the [Errno ...] of the first file the report writes there
         if why:
             raise UserError(f"--out {out} cannot be the report's folder ({why}); pass --out a folder that can be "
                             "made and written")

@@ -36,12 +36,7 @@ def _run_dir(resume, new_dir):
         return str(Path(tempfile.gettempdir()) / f"alexnet-ac-rank{os.environ['RANK']}-{os.getpid()}")
     path = run_dir_of_checkpoint(resume) if resume else new_dir
     # Hydra makes the directory next, and reports a failure with a traceback: check, then make it here
-    why = (_DOLLAR_BRACE if "${" in str(path) else None) or _folder_problem(Path(path))
-    if not why:
-        try:  # what the check cannot foresee: a name too long, a full disk, a quota
-            Path(path).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            why = e.strerror or str(e)
+    why = (_DOLLAR_BRACE if "${" in str(path) else None) or make_folder(path)
     if why:
         _exit_unusable_run_dir(path, why)
     return str(path)
@@ -76,6 +71,17 @@ _DOLLAR_BRACE = "its name holds ${, which Hydra reads as an interpolation even w
 def _exit_unusable_run_dir(path, why, option="hydra.run.dir"):
     what = "sweep" if option == "hydra.sweep.dir" else "run"
     exit_with(f"cannot use {path} as the {what} directory ({why}); pass a writable {option}")
+
+
+def make_folder(path):
+    """Make the folder `path` and its parents; why that cannot be done (see `_folder_problem`), or None."""
+    why = _folder_problem(Path(path))
+    if not why:
+        try:  # what the check cannot foresee: a name too long, a full disk, a quota
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or str(e)
+    return why
 
 
 def _folder_problem(path):

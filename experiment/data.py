@@ -264,12 +264,11 @@ def check_folder_layout(root, splits=("train", "val")):
 def _check_no_folder_read_twice(folder):
     """ImageFolder follows links to folders: a link back to a parent (a loop) or to another class's folder
     would count images many times and under the wrong class. Refuse any folder reached twice, naming the link,
-    whichever of it and its target is reached first. Hidden folders are not read (image_folder.image_files)."""
-    from experiment.image_folder import is_hidden
+    whichever of it and its target is reached first. Hidden folders are not read, so not walked either."""
+    from experiment.image_folder import walk
 
     seen = {}
-    for path, folders, _ in os.walk(folder, followlinks=True):
-        folders[:] = [f for f in folders if not is_hidden(f)]
+    for path, _ in walk(folder):
         real = os.path.realpath(path)
         if real in seen:
             link, other = _link_at_or_above(path, folder), seen[real]

@@ -20,12 +20,18 @@ def is_image(path):
     return path.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(os.path.basename(path))
 
 
-def image_files(folder):
-    """The images below a class folder, in no particular order; hidden folders (`.ipynb_checkpoints`) are not
-    entered. Links to folders are followed, as torchvision does: data._check_no_folder_read_twice refuses loops."""
+def walk(folder):
+    """(path, file names) of `folder` and every folder below it that is read: links to folders are followed, as
+    torchvision does (data._check_no_folder_read_twice refuses loops); hidden folders (`.ipynb_checkpoints`) are
+    not entered."""
     for path, folders, files in os.walk(folder, followlinks=True):
         folders[:] = [f for f in folders if not is_hidden(f)]
-        yield from (os.path.join(path, f) for f in files if is_image(f))
+        yield path, files
+
+
+def image_files(folder):
+    """The images below a class folder (see `walk`), in no particular order."""
+    return (os.path.join(path, f) for path, files in walk(folder) for f in files if is_image(f))
 
 
 def class_names(folder):

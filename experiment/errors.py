@@ -51,10 +51,9 @@ def exit_on_user_error(main):
             key = getattr(e, "full_key", None) or "a config value"
             exit_with(f"{key}: its interpolation does not resolve ({first_line(e)}); fix it, or write a literal "
                       f"${{ as \\${{")
-        except Terminated:  # SIGTERM outside the training loop (which handles it itself)
-            exit_with("interrupted (SIGTERM)", status=128 + signal.SIGTERM)
-        except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles it itself), or a second one
-            exit_with("interrupted", status=130)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the training loop (which handles them), or a
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT  # second Ctrl-C
+            exit_with(_interruption(signum), status=128 + signum)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -102,6 +101,9 @@ def _interrupted(signum, frame):
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         os._exit(128 + signum)
-    print("error: interrupted" + ("" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"),
-          file=sys.stderr, flush=True)
+    print(f"error: {_interruption(signum)}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
+
+
+def _interruption(signum):
+    return "interrupted" + ("" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})")

@@ -246,11 +246,12 @@ def resumed_config(cfg, stored, overrides):
             OmegaConf.update(resumed, key, escape_interpolations(_plain(OmegaConf.select(cfg, key))),
                              force_add=True)
             continue
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:  # not a key: a preset, whose values it sets
+        now = OmegaConf.select(cfg, key, default=_ABSENT)
+        if now is _ABSENT:  # not a key: a preset, whose values it sets
             raise UserError(f"{override} names no single config value (a preset like experiment= sets many), so it "
                             f"cannot be checked against the run being resumed: resume with only trainer.* overrides, "
                             f"or start a new run without resume=")
-        now, then = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(resumed, key))
+        now, then = _plain(now), _plain(OmegaConf.select(resumed, key))
         if now == then:
             continue
         if key == "trainer.epochs":

@@ -38,6 +38,8 @@ def _number(low, high=math.inf, high_open=False, low_open=False):
 
 def _optional(rule):
     check, accepts = rule
+    if check(None):  # optional already: its text says so once
+        return rule
     return (lambda v: v is None or check(v)), f"{accepts}, or null"
 
 

@@ -114,6 +114,12 @@ def test_bad_eval_and_fuse_values_name_the_key(tool, override):
         check_values(tool_config(tool, override), TOOL_RULES[tool])
 
 
+def test_an_override_that_is_optional_already_says_null_once():
+    """dataset.cache_dir may be null for training already: the eval/fuse override said "or null, or null"."""
+    with pytest.raises(UserError, match=r"it must be a folder path, or null; fix that value$"):
+        check_values(tool_config("eval", "dataset.cache_dir=''"), EVAL_RULES)
+
+
 STORED = {"model": {"name": "alexnet", "arch": "AlexNet"}, "dataset": {"name": "digits"},
           "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1}, "scheduler": {"name": "cosine"}}
 

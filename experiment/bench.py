@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from experiment.config import COMPILE_MODES
 from experiment.distributed import select_device
 from experiment.data import DeviceLoader
-from experiment.errors import UserError, exit_on_user_error
+from experiment.errors import UserError, exit_on_user_error, first_line
 from experiment.evaluation import autocast_context
 from experiment.models import build_model, logit_difference
 from experiment.optim import build_optimizer, build_scheduler
@@ -445,7 +445,7 @@ def check_model_options(args):
             probe.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
     except RuntimeError as e:
         raise UserError(f"--image-size {args.image_size} is too small for the {args.layout} layout "
-                        f"({str(e).splitlines()[0][:100]}); use --image-size "
+                        f"({first_line(e, 100)}); use --image-size "
                         f"{224 if args.layout == 'imagenet' else 32}") from None
 
 
